@@ -1,0 +1,249 @@
+"""Stage configs: pydantic-settings models read from YAML, overridden by environment variables, then by flags.
+
+Precedence (highest first): command-line flags (``--lora-r 8``), environment variables
+(``QMD_UNSLOTH_SFT_LORA_R=8``), the YAML file (``--config configs/sft.yaml``), the defaults below.  An unknown key
+or a bad value is a one-line error naming the key; ``--dry-run`` prints the resolved config and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, CliSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import YamlConfigSettingsSource
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ConfigError(ValueError):
+    """A bad config file, environment variable or flag (one line, names the key)."""
+
+
+class StageConfig(BaseSettings):
+    """Shared machinery; each stage below sets its env prefix."""
+
+    model_config = SettingsConfigDict(extra="forbid", validate_default=True, cli_kebab_case=True,
+                                      cli_implicit_flags=True)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if settings_cls.model_config.get("yaml_file"):
+            sources.append(YamlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+
+class TrainCommon(StageConfig):
+    backend: Literal["auto", "unsloth", "hf"] = Field(
+        "auto", description="auto: Unsloth when CUDA and unsloth are there, else transformers + peft")
+    output_dir: Path = Field(Path("runs"), description="run folders are created under this folder")
+    run_name: str | None = Field(None, description="run folder name (default: stage-timestamp)")
+    seed: int = 42
+    max_seq_length: int = Field(512, gt=16)
+    load_in_4bit: bool = Field(True, description="4-bit base weights where CUDA is present (ignored on CPU)")
+    lora_r: int = Field(16, gt=0)
+    lora_alpha: int = Field(32, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(ALL_PROJECTIONS))
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    per_device_train_batch_size: int = Field(4, gt=0)
+    gradient_accumulation_steps: int = Field(4, gt=0)
+    max_steps: int = Field(-1, description="stop after this many optimizer steps (-1: use epochs)")
+    logging_steps: int = Field(10, gt=0)
+    save_steps: int = Field(100, gt=0)
+    save_total_limit: int = Field(3, gt=0)
+    gradient_checkpointing: bool = True
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
+    use_cpu: bool = Field(False, description="force CPU even when CUDA is present")
+
+    @model_validator(mode="after")
+    def _no_embeddings(self):
+        bad = [m for m in self.target_modules if m in ("embed_tokens", "lm_head")]
+        if bad:
+            raise ValueError(f"target_modules: {bad[0]} must not be trained (Qwen3 ties it to the embeddings)")
+        return self
+
+
+class SFTConfig(TrainCommon):
+    """Supervised fine-tuning: LoRA r16 on all seven projections, loss on the answer only."""
+
+    model_config = SettingsConfigDict(env_prefix="QMD_UNSLOTH_SFT_")
+    base_model: str = Field("Qwen/Qwen3-1.7B", description="hub id, local folder, or local .gguf file")
+    gguf_file: str | None = Field(None, description="file name inside base_model when it is a folder of GGUFs")
+    data: list[Path] = Field(default_factory=lambda: [REPO_ROOT / "data"], description="JSONL files or folders")
+    val_fraction: float = Field(0.05, ge=0, lt=1)
+    num_train_epochs: float = Field(5, gt=0)
+    eval_steps: int = Field(50, gt=0)
+    packing: bool = Field(False, description="pack short examples into full sequences (padding-free)")
+
+
+class GRPOConfig(TrainCommon):
+    """GRPO on the merged SFT model with a new small LoRA, rewarded by qmd_unsloth.reward."""
+
+    model_config = SettingsConfigDict(env_prefix="QMD_UNSLOTH_GRPO_")
+    sft_model: str = Field("runs/sft/merged", description="the merged SFT model (folder or hub id)")
+    data: list[Path] = Field(default_factory=lambda: [REPO_ROOT / "data"])
+    val_fraction: float = Field(0.05, ge=0, lt=1)
+    lora_r: int = Field(4, gt=0)
+    lora_alpha: int = Field(8, gt=0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    # 5e-7 (upstream) barely moves a rank-4 LoRA in 200 steps; Unsloth's GRPO recipes use 5e-6.
+    learning_rate: float = Field(5e-6, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    beta: float = Field(0.04, gt=0, description="KL weight; must stay > 0 (beta=0 drifts off the format)")
+    num_generations: int = Field(4, ge=2)
+    max_steps: int = 200
+    max_prompt_length: int = Field(128, gt=0)
+    max_completion_length: int = Field(200, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    per_device_train_batch_size: int = Field(4, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    use_vllm: Literal["auto", "on", "off"] = Field("auto", description="fast generation through vLLM when installed")
+    save_steps: int = Field(50, gt=0)
+
+    @model_validator(mode="after")
+    def _batch_divisible(self):
+        batch = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if batch % self.num_generations:
+            raise ValueError(f"per_device_train_batch_size: batch x accumulation ({batch}) must be divisible by "
+                             f"num_generations ({self.num_generations})")
+        return self
+
+
+class ExportConfig(StageConfig):
+    """GGUF export through llama.cpp's converter and quantizer (Unsloth's save_pretrained_gguf on its path)."""
+
+    model_config = SettingsConfigDict(env_prefix="QMD_UNSLOTH_EXPORT_")
+    model: Path | None = Field(None, description="run folder, merged model or adapter")
+    out: Path = Path("runs/gguf")
+    quant: str = "q4_k_m"
+    also: list[str] = Field(default_factory=list, description="extra quantizations, e.g. q8_0")
+    llama_cpp_dir: Path = Field(Path.home() / ".cache" / "qmd_unsloth" / "llama.cpp")
+    allow_llama_cpp_install: bool = Field(False, description="let Unsloth install llama.cpp itself (needs network)")
+
+
+class EvalConfig(StageConfig):
+    """Reward scores of a model's expansions, sampled like QMD serves them."""
+
+    model_config = SettingsConfigDict(env_prefix="QMD_UNSLOTH_EVAL_")
+    model: str | None = Field(None, description="HF model folder or .gguf file")
+    queries: Path = REPO_ROOT / "data" / "eval_queries.txt"
+    out: Path = Path("runs/eval")
+    samples: int = Field(1, gt=0)
+    greedy: bool = False
+    temperature: float = Field(0.7, ge=0)
+    top_k: int = Field(20, ge=0)
+    top_p: float = Field(0.8, gt=0, le=1)
+    presence_penalty: float = 0.5
+    max_new_tokens: int = Field(256, gt=0)
+    min_score: float = Field(0.0, ge=0, le=1)
+    compare: str | None = None
+
+
+STAGES: dict[str, type[StageConfig]] = {"sft": SFTConfig, "grpo": GRPOConfig, "export": ExportConfig,
+                                        "eval": EvalConfig}
+
+
+def _one_line(err: ValidationError, cls: type[StageConfig], yaml_path, cli_args) -> str:
+    e = err.errors()[0]
+    msg = e["msg"].removeprefix("Value error, ")
+    key = ".".join(str(p) for p in e["loc"][:1]) or msg.split(":", 1)[0]
+    env = cls.model_config.get("env_prefix", "") + key.upper()
+    if cli_args and any(a.split("=", 1)[0] in (f"--{key}", f"--{key.replace('_', '-')}") for a in cli_args):
+        source = "command line"
+    elif env in os.environ:
+        source = f"environment {env}"
+    else:
+        source = str(yaml_path) if yaml_path else "config"
+    if e["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}'"
+    value = e.get("input")
+    shown = f" (got {value!r})" if e["loc"] and not isinstance(value, dict) and value is not None else ""
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {msg if not e['loc'] else f'{key}: {msg}'}{shown}{more}"
+
+
+def load(cls: type[StageConfig], yaml_path: str | Path | None = None, cli_args: list[str] | None = None,
+         **overrides) -> StageConfig:
+    """Builds a stage config from YAML, environment and flags; raises ConfigError with one line."""
+    if yaml_path is not None:
+        yaml_path = Path(yaml_path)
+        if not yaml_path.is_file():
+            raise ConfigError(f"{yaml_path}: config file not found")
+        try:
+            import yaml
+
+            data = yaml.safe_load(yaml_path.read_text())
+        except Exception as e:  # a YAML syntax error: report the file and the parser's one-line reason
+            raise ConfigError(f"{yaml_path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"{yaml_path}: must hold a mapping of keys to values")
+    bound = type(cls.__name__, (cls,), {"model_config": {**cls.model_config, "yaml_file": yaml_path}})
+    try:
+        if cli_args is not None:
+            parser = _ErrorParser(prog=cls.__name__, add_help=False)
+            cli = CliSettingsSource(bound, root_parser=parser, cli_parse_args=cli_args, cli_exit_on_error=False)
+            return bound(_cli_settings_source=cli(args=cli_args), **overrides)
+        return bound(**overrides)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e, cls, yaml_path, cli_args)) from None
+    except ConfigError:
+        raise
+    except Exception as e:  # CLI parse errors from pydantic-settings
+        raise ConfigError(f"command line: {str(e).splitlines()[0]}") from None
+
+
+class _ErrorParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ConfigError(f"command line: {message}")
+
+
+def stage_parser(stage: str, description: str) -> argparse.ArgumentParser:
+    """The flags every stage takes besides its config keys."""
+    p = argparse.ArgumentParser(prog=f"python -m qmd_unsloth.{stage}", description=description, add_help=False)
+    p.add_argument("--config", help=f"YAML file (e.g. configs/{stage}.yaml)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("-h", "--help", action="store_true", help="show this help and the config keys")
+    return p
+
+
+def parse_stage_args(stage: str, description: str, argv: list[str] | None = None,
+                     extra: argparse.ArgumentParser | None = None):
+    """Parses a stage's command line: returns (config, known args).  Prints and exits 2 on a bad config."""
+    parser = extra or stage_parser(stage, description)
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    cls = STAGES[stage]
+    if args.help:
+        parser.print_help()
+        print("\nconfig keys (flags as --key-name VALUE, env as " + cls.model_config["env_prefix"] + "KEY_NAME):")
+        for name, f in cls.model_fields.items():
+            default = f.default_factory() if f.default_factory else f.default
+            desc = f" - {f.description}" if f.description else ""
+            print(f"  --{name.replace('_', '-'):<30} {default!s:<24}{desc}")
+        raise SystemExit(0)
+    try:
+        cfg = load(cls, args.config, rest)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.dry_run:
+        print(dump(cfg))
+        raise SystemExit(0)
+    return cfg, args
+
+
+def dump(cfg: StageConfig) -> str:
+    """The resolved config as YAML (what --dry-run prints and every run folder records)."""
+    import yaml
+
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip()
