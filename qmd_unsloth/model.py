@@ -1,0 +1,201 @@
+"""Two backends behind one interface: Unsloth (4-bit, fast kernels) when CUDA is there, transformers + peft otherwise.
+
+``load_for_training(name, cfg)`` returns ``(model with a fresh LoRA, tokenizer, backend)``; ``save_merged`` writes a
+16-bit merged model (Unsloth's ``save_pretrained_merged`` on its path).  Everything CPU-specific lives here.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib.util import find_spec
+from pathlib import Path
+
+# Unsloth reads these at import time: never let it apt-get, git clone or download llama.cpp on its own.
+os.environ.setdefault("UNSLOTH_LLAMA_CPP_OFFLINE", "1")
+os.environ.setdefault("UNSLOTH_AUTO_INSTALL", "0")
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be loaded (one line, says why and what to do)."""
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def choose_backend(requested: str = "auto", use_cpu: bool = False) -> str:
+    """'unsloth' when asked for or when CUDA and unsloth are both there; 'hf' otherwise."""
+    have_unsloth = find_spec("unsloth") is not None
+    if requested == "unsloth":
+        if not have_unsloth:
+            raise ModelLoadError("backend 'unsloth' asked for but unsloth is not installed: pip install '.[gpu]'")
+        return "unsloth"
+    if requested == "hf":
+        return "hf"
+    return "unsloth" if have_unsloth and not use_cpu and cuda_available() else "hf"
+
+
+def precision(use_cpu: bool = False) -> dict:
+    """TrainingArguments precision flags: bf16 where the GPU supports it, fp16 on older GPUs (T4), fp32 on CPU."""
+    import torch
+
+    if use_cpu or not torch.cuda.is_available():
+        return {"bf16": False, "fp16": False}
+    bf16 = torch.cuda.is_bf16_supported()
+    return {"bf16": bf16, "fp16": not bf16}
+
+
+def compute_dtype(use_cpu: bool = False):
+    import torch
+
+    p = precision(use_cpu)
+    return torch.bfloat16 if p["bf16"] else torch.float16 if p["fp16"] else torch.float32
+
+
+def resolve(name: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """(folder or hub id, gguf file name or None).  A path to a .gguf file is split into its folder and name."""
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelLoadError(f"{name}: GGUF file not found")
+        return str(p.parent), p.name
+    if p.exists():
+        if not p.is_dir():
+            raise ModelLoadError(f"{name}: not a model folder or .gguf file")
+        return str(p), gguf_file
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelLoadError(f"{name}: no such local model folder (and not a hub id like Qwen/Qwen3-1.7B)")
+    return name, gguf_file
+
+
+def _offline_error(name: str, err: Exception) -> ModelLoadError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    why = "HF_HUB_OFFLINE=1 is set" if offline else "the hub could not be reached"
+    return ModelLoadError(f"{name}: weights are not in the local Hugging Face cache and {why}; download them first "
+                          f"(hf download {name}) or pass a local folder or .gguf file ({type(err).__name__})")
+
+
+def load_tokenizer(name: str, gguf_file: str | None = None):
+    from transformers import AutoTokenizer
+
+    path, gguf = resolve(name, gguf_file)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise _offline_error(name, e) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(name: str, cfg, backend: str, for_training: bool = True):
+    """The base model and tokenizer, without LoRA."""
+    path, gguf = resolve(name, getattr(cfg, "gguf_file", None))
+    if backend == "unsloth":
+        if gguf:
+            raise ModelLoadError(f"{name}: the Unsloth backend loads HF folders; use --backend hf for a .gguf base")
+        from unsloth import FastLanguageModel
+
+        try:
+            model, tok = FastLanguageModel.from_pretrained(model_name=path, max_seq_length=cfg.max_seq_length,
+                                                           load_in_4bit=cfg.load_in_4bit, dtype=None)
+        except OSError as e:
+            raise _offline_error(name, e) from None
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return model, tok
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {}
+    on_gpu = torch.cuda.is_available() and not cfg.use_cpu
+    if on_gpu:
+        kwargs["dtype"] = compute_dtype()
+        kwargs["device_map"] = {"": 0}
+        if cfg.load_in_4bit and not gguf and find_spec("bitsandbytes") is not None:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=compute_dtype())
+    else:
+        kwargs["dtype"] = torch.float32
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise _offline_error(name, e) from None
+    tok = load_tokenizer(name, getattr(cfg, "gguf_file", None))
+    return model, tok
+
+
+def add_lora(model, cfg, backend: str):
+    """A fresh LoRA with the config's rank, alpha and target modules (never embeddings or lm_head)."""
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        return FastLanguageModel.get_peft_model(
+            model, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.target_modules), bias="none",
+            use_gradient_checkpointing="unsloth" if cfg.gradient_checkpointing else False,
+            random_state=cfg.seed)
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def load_for_training(name: str, cfg):
+    backend = choose_backend(cfg.backend, cfg.use_cpu)
+    model, tok = load_base(name, cfg, backend)
+    model = add_lora(model, cfg, backend)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    bad = [n for n in trainable if "embed_tokens" in n or "lm_head" in n]
+    if bad:
+        raise ModelLoadError(f"refusing to train {bad[0]}: embeddings and lm_head stay frozen")
+    return model, tok, backend
+
+
+def save_merged(model, tokenizer, out: str | os.PathLike, backend: str, base_name: str | None = None, cfg=None) -> Path:
+    """Writes the LoRA merged into 16-bit weights to ``out`` (a temporary folder renamed when complete)."""
+    import shutil
+    import tempfile
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        if backend == "unsloth":
+            model.save_pretrained_merged(str(tmp), tokenizer, save_method="merged_16bit")
+        elif getattr(model.base_model.model, "is_loaded_in_4bit", False) and base_name:
+            # 4-bit base without Unsloth: merge the adapter into a 16-bit copy of the base
+            import torch
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM
+
+            adapter = tmp / "_adapter"
+            model.save_pretrained(adapter)
+            base = AutoModelForCausalLM.from_pretrained(resolve(base_name)[0], dtype=torch.bfloat16)
+            merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+            shutil.rmtree(adapter)
+            merged.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        else:
+            merged = model.merge_and_unload()
+            merged.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        out.chmod(0o755)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

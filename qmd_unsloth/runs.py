@@ -1,0 +1,139 @@
+"""Run folders: one per training run, holding the resolved config, library versions, data hash, metrics and plots.
+
+Layout: ``<output_dir>/<stage>/<run_name>/`` with ``config.yaml``, ``versions.json``, ``data.json``,
+``checkpoints/``, ``tb/`` (TensorBoard), ``metrics.json``, ``loss.png`` or ``reward.png``, ``merged/``.
+``<output_dir>/<stage>/latest`` points at the newest run.  Ctrl-C or SIGTERM saves a checkpoint and stops;
+``--resume`` continues from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from .config import StageConfig, dump
+from .data import atomic_write_text
+
+LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "unsloth", "unsloth_zoo",
+             "bitsandbytes", "vllm", "huggingface_hub", "pydantic-settings")
+
+
+def library_versions() -> dict:
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = version(lib)
+        except PackageNotFoundError:
+            pass
+    try:
+        import torch
+
+        out["cuda"] = torch.version.cuda
+        out["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # torch missing or broken: versions are informational only
+        pass
+    return out
+
+
+def run_dir(cfg, stage: str, resume: bool) -> Path:
+    """The run folder: the named one, or with --resume the latest, or a new timestamped one."""
+    root = Path(cfg.output_dir) / stage
+    if cfg.run_name:
+        return root / cfg.run_name
+    latest = root / "latest"
+    if resume and latest.exists():
+        return latest.resolve()
+    if resume:
+        raise SystemExit(f"error: --resume: no earlier {stage} run under {root} (give --run-name)")
+    return root / time.strftime(f"{stage}-%Y%m%d-%H%M%S")
+
+
+def start(cfg: StageConfig, stage: str, resume: bool, data_hash: str | None = None) -> Path:
+    path = run_dir(cfg, stage, resume)
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path / "config.yaml", dump(cfg) + "\n")
+    atomic_write_text(path / "versions.json", json.dumps(library_versions(), indent=2) + "\n")
+    if data_hash:
+        atomic_write_text(path / "data.json", json.dumps({"data_hash": data_hash}, indent=2) + "\n")
+    latest = path.parent / "latest"
+    try:
+        if latest.is_symlink() or latest.exists():
+            latest.unlink()
+        latest.symlink_to(path.name)
+    except OSError:  # no symlinks on this filesystem: the run folder is still printed
+        pass
+    return path
+
+
+def last_checkpoint(path: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    ckpt = path / "checkpoints"
+    return get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None
+
+
+def stop_callback():
+    """A TrainerCallback: the first Ctrl-C or SIGTERM saves a checkpoint at the end of the step and stops."""
+    from transformers import TrainerCallback
+
+    class GracefulStop(TrainerCallback):
+        def __init__(self):
+            self.requested = False
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, self._handle)
+
+        def _handle(self, signum, frame):
+            if self.requested:  # a second signal: stop now
+                raise KeyboardInterrupt
+            self.requested = True
+            print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
+                  "(again to stop at once)", file=sys.stderr)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.requested:
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return GracefulStop()
+
+
+def finish(path: Path, trainer, plot_keys: tuple[str, ...], plot_name: str, extra: dict | None = None) -> dict:
+    """Writes metrics.json and a PNG plot of the logged keys; returns the metrics."""
+    history = trainer.state.log_history
+    metrics = {"global_step": trainer.state.global_step, "epoch": trainer.state.epoch,
+               "log_history": history, **(extra or {})}
+    for key in plot_keys:
+        vals = [h[key] for h in history if key in h]
+        if vals:
+            metrics[f"final_{key}"] = vals[-1]
+    atomic_write_text(path / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
+    plot(history, plot_keys, path / plot_name)
+    return metrics
+
+
+def plot(history: list[dict], keys: tuple[str, ...], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in keys:
+        pts = [(h["step"], h[key]) for h in history if key in h and "step" in h]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", markersize=3, label=key)
+    ax.set_xlabel("step")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
