@@ -103,7 +103,6 @@ class GRPOConfig(TrainCommon):
     beta: float = Field(0.04, gt=0, description="KL weight; must stay > 0 (beta=0 drifts off the format)")
     num_generations: int = Field(4, ge=2)
     max_steps: int = 200
-    max_prompt_length: int = Field(128, gt=0)
     max_completion_length: int = Field(200, gt=0)
     temperature: float = Field(1.0, gt=0)
     per_device_train_batch_size: int = Field(4, gt=0)

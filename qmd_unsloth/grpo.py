@@ -1,0 +1,133 @@
+"""GRPO: a new small LoRA on the merged SFT model, rewarded by qmd_unsloth.reward, KL beta > 0.
+
+    python -m qmd_unsloth.grpo --config configs/grpo.yaml [--resume] [--dry-run] [--key value ...]
+
+Prompts are rendered by qmd_unsloth.prompt exactly as in SFT and serving; the reward receives the ``query`` column.
+Generation goes through vLLM (Unsloth ``fast_inference``) when vLLM is installed, plain generate otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib.util import find_spec
+from pathlib import Path
+
+from .config import GRPOConfig, parse_stage_args, stage_parser
+
+
+def use_vllm(cfg: GRPOConfig, backend: str) -> bool:
+    if cfg.use_vllm == "off" or backend != "unsloth":
+        return False
+    available = find_spec("vllm") is not None
+    if cfg.use_vllm == "on" and not available:
+        from .model import ModelLoadError
+
+        raise ModelLoadError("use_vllm: on, but vllm is not installed")
+    return available
+
+
+def prompt_dataset(cfg: GRPOConfig, tokenizer, run: Path):
+    """Training queries rendered with the model's template: columns ``prompt`` (text) and ``query``."""
+    from datasets import load_dataset
+
+    from .data import prepare
+
+    prepare(run / "data", cfg.data, cfg.seed, cfg.val_fraction, chat_template=tokenizer.chat_template)
+    ds = load_dataset("json", data_files={"train": str(run / "data" / "train.jsonl")})["train"]
+    return ds.remove_columns([c for c in ds.column_names if c not in ("prompt", "query")])
+
+
+def build_trainer(cfg: GRPOConfig, run: Path):
+    import os
+
+    from .model import add_lora, choose_backend, load_base, precision
+    from .reward import grpo_reward
+
+    backend = choose_backend(cfg.backend, cfg.use_cpu)
+    fast = use_vllm(cfg, backend)
+    if fast:
+        from unsloth import FastLanguageModel
+
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=cfg.sft_model, max_seq_length=cfg.max_seq_length, load_in_4bit=cfg.load_in_4bit,
+            fast_inference=True, max_lora_rank=cfg.lora_r)
+    else:
+        model, tokenizer = load_base(cfg.sft_model, cfg, backend)
+    model = add_lora(model, cfg, backend)
+    train = prompt_dataset(cfg, tokenizer, run)
+
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run / "tb")
+    from trl import GRPOConfig as TRLGRPOConfig
+    from trl import GRPOTrainer
+
+    args = TRLGRPOConfig(
+        output_dir=str(run / "checkpoints"),
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        beta=cfg.beta,
+        num_generations=cfg.num_generations,
+        max_completion_length=cfg.max_completion_length,
+        temperature=cfg.temperature,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        max_steps=cfg.max_steps,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        report_to=list(cfg.report_to),
+        use_cpu=cfg.use_cpu,
+        use_vllm=fast,
+        gradient_checkpointing=cfg.gradient_checkpointing and backend == "hf",
+        **precision(cfg.use_cpu),
+    )
+    trainer = GRPOTrainer(model=model, reward_funcs=[grpo_reward], args=args, train_dataset=train,
+                          processing_class=tokenizer)
+    return trainer, tokenizer, backend, len(train)
+
+
+def run(cfg: GRPOConfig, resume: bool = False) -> Path:
+    from .data import data_hash
+    from .model import save_merged
+    from .runs import finish, last_checkpoint, start, stop_callback
+
+    run_path = start(cfg, "grpo", resume, data_hash(cfg.data))
+    trainer, tokenizer, backend, n = build_trainer(cfg, run_path)
+    stopper = stop_callback()
+    trainer.add_callback(stopper)
+    ckpt = last_checkpoint(run_path) if resume else None
+    print(f"grpo: backend {backend}, {n} prompts, {cfg.num_generations} generations each, run folder {run_path}"
+          + (f", resuming from {ckpt}" if ckpt else ""))
+    trainer.train(resume_from_checkpoint=ckpt)
+    keys = ("reward", "kl")
+    extra = {"backend": backend, "prompts": n}
+    if stopper.requested:
+        finish(run_path, trainer, keys, "reward.png", {**extra, "interrupted": True})
+        print(f"grpo: stopped; checkpoint saved under {run_path / 'checkpoints'}; continue with --resume",
+              file=sys.stderr)
+        raise SystemExit(130)
+    finish(run_path, trainer, keys, "reward.png", extra)
+    merged = save_merged(trainer.model, tokenizer, run_path / "merged", backend, cfg.sft_model, cfg)
+    print(f"grpo: merged model written to {merged}")
+    return merged
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser("grpo", __doc__.split("\n\n")[0])
+    parser.add_argument("--resume", action="store_true", help="continue the latest (or --run-name) run")
+    cfg, args = parse_stage_args("grpo", __doc__, argv, parser)
+    from .model import ModelLoadError
+
+    try:
+        run(cfg, resume=args.resume)
+    except ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
