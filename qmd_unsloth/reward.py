@@ -42,7 +42,7 @@ ECHO_CAP = 0.35
 MAX_LINES_COMPARED = 12  # pairwise checks look at this many lines at most (a 1 MB completion stays linear)
 
 _TEMPLATE_TOKEN = re.compile(r"<\|[a-z_]+\|>")
-_TOKEN = re.compile(r"\w[\w+#]*(?:[./'-]\w[\w+#]*)*")
+_TOKEN = re.compile(r"\w[\w+#]*(?:[./'-][\w+#]+)*")
 _ACRONYM = re.compile(r"[A-Z][A-Z0-9]*[A-Z0-9]\Z")  # AWS, S3, EC2, JWT (>= 2 chars, all caps/digits)
 _CAMEL = re.compile(r"[a-z][a-z0-9]*[A-Z]|[A-Z][a-z0-9]+[A-Z]")  # useEffect, PostgreSQL, GitHub
 _TECH = re.compile(r"[._/+#]|[a-z][0-9]|[0-9][a-z]|^(1[89]|20)[0-9][0-9]$", re.I)  # node.js, C++, v2, ci/cd, 2025
@@ -66,7 +66,7 @@ def _has_filler(text: str) -> bool:
     return any(f in low for f in FILLER)
 
 
-@dataclass
+@dataclass(slots=True)
 class Dimension:
     name: str
     points: float
@@ -82,9 +82,21 @@ class Dimension:
 class Score:
     score: float
     rating: str
-    dimensions: dict[str, Dimension]
+    deductions: list[tuple[str, float, str]]  # (dimension, points taken, reason)
     hard_failure: str | None = None
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def dimensions(self) -> dict[str, Dimension]:
+        """Points per dimension with the reason for every deduction (built on demand: GRPO needs only .score)."""
+        if self.hard_failure:
+            return {n: Dimension(n, 0, m) for n, m in MAX_POINTS.items()}
+        dims = {n: Dimension(n, m, m) for n, m in MAX_POINTS.items()}
+        for name, points, reason in self.deductions:
+            dims[name].take(points, reason)
+        for d in dims.values():
+            d.points = max(0.0, d.points)
+        return dims
 
     @property
     def reasons(self) -> list[str]:
@@ -104,7 +116,10 @@ class Score:
 
 
 def rating_for(score: float) -> str:
-    return next(name for floor, name in RATINGS if score >= floor)
+    for floor, name in RATINGS:
+        if score >= floor:
+            return name
+    return "Failed"
 
 
 def tokens(text: str) -> list[str]:
@@ -161,9 +176,9 @@ class QueryInfo:
         """True when a line has a token close to a query term: same stem, same 4-letter prefix, or a typo apart."""
         keys, prefixes = self.keys, self.prefixes
         for t in line_toks:
-            if t in keys or (t[:4] in prefixes if len(t) >= 4 else _stem(t) in keys):
+            if t in keys or (len(t) >= 4 and t[:4] in prefixes):
                 return True
-            if len(t) == 4 and _stem(t) in keys:
+            if t[-1] == "s" and len(t) <= 4 and _stem(t) in keys:
                 return True
         return any(_close(t, q) for q in self.terms if len(q) >= 5 for t in line_toks if len(t) >= 5)
 
@@ -223,8 +238,7 @@ def score_expansion(query: str, completion: str) -> Score:
         completion = "" if completion is None else str(completion)
     failure, think, parsed = _split(completion)
     if failure:
-        dims = {n: Dimension(n, 0, m) for n, m in MAX_POINTS.items()}
-        return Score(0.0, "Failed", dims, hard_failure=failure)
+        return Score(0.0, "Failed", [], hard_failure=failure)
 
     q = analyse_query(query)
     lex: list[str] = []
@@ -260,7 +274,7 @@ def score_expansion(query: str, completion: str) -> Score:
     lex_norms = [" ".join(t) for t in lex_toks]
     vec_norms = [" ".join(t) for t in vec_toks]
     norms = lex_norms + vec_norms + ([" ".join(hyde_toks)] if hyde else [])
-    echoes = sum(1 for n in norms if n == q.norm and n)
+    echoes = len([1 for n in norms if n == q.norm and n])
     if echoes:
         out.append(("diversity", min(10, 4 * echoes), f"{echoes} line(s) only repeat the query"))
     dupes = len(norms) - len(set(norms))
@@ -274,7 +288,7 @@ def score_expansion(query: str, completion: str) -> Score:
         )
         if near:
             out.append(("diversity", min(6, 3 * near), f"{near} pair(s) of nearly identical vec lines"))
-    reordered = sum(1 for t, n in zip(vec_toks, vec_norms) if n != q.norm and set(t) == q.token_set)
+    reordered = len([1 for t, n in zip(vec_toks, vec_norms) if n != q.norm and set(t) == q.token_set])
     if reordered:
         out.append(("diversity", min(6, 3 * reordered), f"{reordered} vec line(s) only reorder the query"))
 
@@ -298,23 +312,23 @@ def score_expansion(query: str, completion: str) -> Score:
             out.append(("hyde", 3, "hyde shares no term with the query"))
 
     # quality
-    long_lex = sum(1 for t in lex_toks if len(t) > LEX_MAX_TERMS)
+    long_lex = len([1 for t in lex_toks if len(t) > LEX_MAX_TERMS])
     if long_lex:
         out.append(("quality", min(8, 4 * long_lex), f"{long_lex} lex line(s) over {LEX_MAX_TERMS} terms (FTS5 ANDs them)"))
-    wordy = sum(1 for t, tk in zip(lex, lex_toks) if t.endswith("?") or (len(tk) > 2 and tk[0] in QUESTION_STARTS))
+    wordy = len([1 for t, tk in zip(lex, lex_toks) if t.endswith("?") or (len(tk) > 2 and tk[0] in QUESTION_STARTS)])
     if wordy:
         out.append(("quality", min(4, 2 * wordy), f"{wordy} lex line(s) read as a question, not keywords"))
-    short_vec = sum(1 for t in vec_toks if len(t) < 3)
+    short_vec = len([1 for t in vec_toks if len(t) < 3])
     if short_vec:
         out.append(("quality", min(6, 3 * short_vec), f"{short_vec} vec line(s) under 3 words (not natural language)"))
     if lex and vec and sum(map(len, lex)) / len(lex) >= sum(map(len, vec)) / len(vec):
         out.append(("quality", 3, "lex lines are not shorter than vec lines"))
     if _has_filler(completion[:20000]):
-        filler = sum(1 for t in (lex + vec)[:MAX_LINES_COMPARED] if _has_filler(t[:300]))
+        filler = len([1 for t in (lex + vec)[:MAX_LINES_COMPARED] if _has_filler(t[:300])])
         if filler:
             out.append(("quality", min(8, 4 * filler), f"{filler} line(s) with generic filler such as 'search for'"))
     if q.terms:
-        dropped = sum(1 for t in lex_toks + vec_toks if not q.shares_term(t[:100]))
+        dropped = len([1 for t in lex_toks + vec_toks if not q.shares_term(t[:100])])
         if dropped:
             out.append(("quality", min(10, 4 * dropped), f"{dropped} line(s) share no term with the query (QMD drops them)"))
 
@@ -324,25 +338,22 @@ def score_expansion(query: str, completion: str) -> Score:
     elif q.entities:
         lex_sets = [set(t) for t in lex_toks]
         for e in q.entities:
-            hits = sum(1 for ls in lex_sets if e in ls)
+            hits = len([1 for ls in lex_sets if e in ls])
             if hits == 0:
                 out.append(("entities", 10, f"entity {e!r} missing from every lex line"))
             elif hits < len(lex_sets):
                 out.append(("entities", 2, f"entity {e!r} missing from {len(lex_sets) - hits} lex line(s)"))
 
-    dims = {n: Dimension(n, m, m) for n, m in MAX_POINTS.items()}
-    for name, points, reason in out:
-        dims[name].take(points, reason)
-    total = 0.0
-    for d in dims.values():
-        d.points = max(0.0, d.points)
-        total += d.points
+    taken = dict.fromkeys(MAX_POINTS, 0.0)
+    for name, points, _ in out:
+        taken[name] += points
+    total = sum(max(0.0, MAX_POINTS[n] - t) for n, t in taken.items()) if out else TOTAL_POINTS
     score = min(1.0, total / TOTAL_POINTS)
     notes = []
     if echoes * 2 > len(norms):
         notes.append(f"echo cap: most lines repeat the query, score capped at {ECHO_CAP}")
         score = min(score, ECHO_CAP)
-    return Score(score, rating_for(score), dims, notes=notes)
+    return Score(score, rating_for(score), out, notes=notes)
 
 
 def _completion_text(completion) -> str:

@@ -1,0 +1,63 @@
+"""Completions scored per second by qmd_unsloth.reward on one core (goal: >= 20,000/s).
+
+    python benchmarks/reward_speed.py [--n 50000] [--out benchmarks/results/reward_speed.json]
+
+The completions are the shipped data's targets plus, for every fourth row, a damaged variant (a dropped line, a
+missing prefix, a think block, an echo), so the mix covers the hard-failure and deduction paths too.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from qmd_unsloth.data import load_examples  # noqa: E402
+from qmd_unsloth.prompt import format_target  # noqa: E402
+from qmd_unsloth.reward import score_expansion  # noqa: E402
+
+
+def workload(n):
+    rows = []
+    for i, ex in enumerate(load_examples()):
+        target = format_target(ex.pairs)
+        rows.append((ex.query, target + "<|im_end|>"))
+        if i % 4 == 0:
+            damaged = [target.split("\n", 1)[-1], "Sure!\n" + target, "<think>hmm</think>\n" + target,
+                       f"lex: {ex.query}\nvec: {ex.query}"][i // 4 % 4]
+            rows.append((ex.query, damaged))
+    return (rows * (n // len(rows) + 1))[:n]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=50_000)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "reward_speed.json"))
+    args = ap.parse_args()
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core
+    rows = workload(args.n)
+    for q, c in rows[:2000]:  # warm-up
+        score_expansion(q, c)
+    best = 0.0
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for q, c in rows:
+            score_expansion(q, c)
+        best = max(best, len(rows) / (time.perf_counter() - t0))
+    result = {"benchmark": "reward_speed", "completions": len(rows), "per_second_best_of_3": round(best),
+              "mean_chars": round(sum(len(c) for _, c in rows) / len(rows)), "goal_per_second": 20_000,
+              "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
+              "date": time.strftime("%Y-%m-%d")}
+    print(f"reward: {result['per_second_best_of_3']:,} completions/s on one core "
+          f"({len(rows):,} completions, mean {result['mean_chars']} chars)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
