@@ -91,7 +91,7 @@ class GRPOConfig(TrainCommon):
     """GRPO on the merged SFT model with a new small LoRA, rewarded by qmd_unsloth.reward."""
 
     model_config = SettingsConfigDict(env_prefix="QMD_UNSLOTH_GRPO_")
-    sft_model: str = Field("runs/sft/merged", description="the merged SFT model (folder or hub id)")
+    sft_model: str = Field("runs/sft/latest/merged", description="the merged SFT model (folder or hub id)")
     data: list[Path] = Field(default_factory=lambda: [REPO_ROOT / "data"])
     val_fraction: float = Field(0.05, ge=0, lt=1)
     lora_r: int = Field(4, gt=0)

@@ -85,9 +85,18 @@ def load_tokenizer(name: str, gguf_file: str | None = None):
         tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(path)
     except OSError as e:
         raise _offline_error(name, e) from None
+    _chatml_end_of_turn(tok)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _chatml_end_of_turn(tok) -> None:
+    """ChatML templates end a turn with <|im_end|>: make it the EOS, so that training appends no other end token
+    and generation stops there (some GGUF files record <|im_start|> or <|endoftext|> as EOS)."""
+    if "<|im_end|>" in (tok.chat_template or "") and tok.eos_token != "<|im_end|>" \
+            and tok.convert_tokens_to_ids("<|im_end|>") != tok.unk_token_id:
+        tok.eos_token = "<|im_end|>"
 
 
 def load_base(name: str, cfg, backend: str, for_training: bool = True):
@@ -103,6 +112,7 @@ def load_base(name: str, cfg, backend: str, for_training: bool = True):
                                                            load_in_4bit=cfg.load_in_4bit, dtype=None)
         except OSError as e:
             raise _offline_error(name, e) from None
+        _chatml_end_of_turn(tok)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return model, tok
@@ -129,8 +139,22 @@ def load_base(name: str, cfg, backend: str, for_training: bool = True):
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise _offline_error(name, e) from None
+    if gguf:
+        _forget_gguf_quantization(model)
     tok = load_tokenizer(name, getattr(cfg, "gguf_file", None))
+    model.generation_config.eos_token_id = tok.eos_token_id
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok
+
+
+def _forget_gguf_quantization(model) -> None:
+    """transformers dequantizes GGUF weights to plain tensors on load but keeps a GGUF quantizer attached, which
+    makes the Trainer refuse to train and save_pretrained record a quantization it no longer has."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def add_lora(model, cfg, backend: str):
