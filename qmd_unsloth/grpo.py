@@ -8,11 +8,10 @@ Generation goes through vLLM (Unsloth ``fast_inference``) when vLLM is installed
 
 from __future__ import annotations
 
-import sys
 from importlib.util import find_spec
 from pathlib import Path
 
-from .config import GRPOConfig, parse_stage_args, stage_parser
+from .config import GRPOConfig
 
 
 def use_vllm(cfg: GRPOConfig, backend: str) -> bool:
@@ -90,43 +89,20 @@ def build_trainer(cfg: GRPOConfig, run: Path):
 
 
 def run(cfg: GRPOConfig, resume: bool = False) -> Path:
-    from .data import data_hash
-    from .model import save_merged
-    from .runs import finish, last_checkpoint, start, stop_callback
+    """Trains, writes the run folder, and returns the path of the merged model."""
+    from .runs import train_stage
 
-    run_path = start(cfg, "grpo", resume, data_hash(cfg.data))
-    trainer, tokenizer, backend, n = build_trainer(cfg, run_path)
-    stopper = stop_callback()
-    trainer.add_callback(stopper)
-    ckpt = last_checkpoint(run_path) if resume else None
-    print(f"grpo: backend {backend}, {n} prompts, {cfg.num_generations} generations each, run folder {run_path}"
-          + (f", resuming from {ckpt}" if ckpt else ""))
-    trainer.train(resume_from_checkpoint=ckpt)
-    keys = ("reward", "kl")
-    extra = {"backend": backend, "prompts": n}
-    if stopper.requested:
-        finish(run_path, trainer, keys, "reward.png", {**extra, "interrupted": True})
-        print(f"grpo: stopped; checkpoint saved under {run_path / 'checkpoints'}; continue with --resume",
-              file=sys.stderr)
-        raise SystemExit(130)
-    finish(run_path, trainer, keys, "reward.png", extra)
-    merged = save_merged(trainer.model, tokenizer, run_path / "merged", backend, cfg.sft_model, cfg)
-    print(f"grpo: merged model written to {merged}")
-    return merged
+    def build(cfg, run_path):
+        trainer, tokenizer, backend, n = build_trainer(cfg, run_path)
+        return trainer, tokenizer, backend, {"prompts": n, "generations": cfg.num_generations}
+
+    return train_stage("grpo", cfg, resume, build, ("reward", "kl"), "reward.png", cfg.sft_model)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = stage_parser("grpo", __doc__.split("\n\n")[0])
-    parser.add_argument("--resume", action="store_true", help="continue the latest (or --run-name) run")
-    cfg, args = parse_stage_args("grpo", __doc__, argv, parser)
-    from .model import ModelLoadError
+    from .runs import stage_main
 
-    try:
-        run(cfg, resume=args.resume)
-    except ModelLoadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return stage_main("grpo", __doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -137,3 +137,51 @@ def plot(history: list[dict], keys: tuple[str, ...], out: Path) -> None:
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, out)
+
+
+def train_stage(stage: str, cfg, resume: bool, build, plot_keys: tuple[str, ...], plot_name: str,
+                base_name: str, evaluate: bool = False) -> Path:
+    """The flow both trainers share: run folder, build, train (resumable, stoppable), metrics, plot, merged model.
+
+    ``build(cfg, run_path)`` returns ``(trainer, tokenizer, backend, extra metrics)``.
+    """
+    from .data import data_hash
+    from .model import save_merged
+
+    run_path = start(cfg, stage, resume, data_hash(cfg.data))
+    trainer, tokenizer, backend, extra = build(cfg, run_path)
+    stopper = stop_callback()
+    trainer.add_callback(stopper)
+    ckpt = last_checkpoint(run_path) if resume else None
+    print(f"{stage}: backend {backend}, " + ", ".join(f"{k} {v}" for k, v in extra.items())
+          + f", run folder {run_path}" + (f", resuming from {ckpt}" if ckpt else ""))
+    trainer.train(resume_from_checkpoint=ckpt)
+    extra = {"backend": backend, **extra}
+    if stopper.requested:
+        finish(run_path, trainer, plot_keys, plot_name, {**extra, "interrupted": True})
+        print(f"{stage}: stopped; checkpoint saved under {run_path / 'checkpoints'}; continue with --resume",
+              file=sys.stderr)
+        raise SystemExit(130)
+    if evaluate and trainer.eval_dataset is not None:
+        trainer.log(trainer.evaluate())
+    finish(run_path, trainer, plot_keys, plot_name, extra)
+    merged = save_merged(trainer.model, tokenizer, run_path / "merged", backend, base_name, cfg)
+    print(f"{stage}: merged model written to {merged}")
+    return merged
+
+
+def stage_main(stage: str, doc: str, run, argv: list[str] | None = None) -> int:
+    """Command line of a training stage: config flags, --resume, clean one-line errors."""
+    from .config import parse_stage_args, stage_parser
+
+    parser = stage_parser(stage, doc.split("\n\n")[0])
+    parser.add_argument("--resume", action="store_true", help="continue the latest (or --run-name) run")
+    cfg, args = parse_stage_args(stage, doc, argv, parser)
+    from .model import ModelLoadError
+
+    try:
+        run(cfg, resume=args.resume)
+    except ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

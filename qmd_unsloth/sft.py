@@ -7,10 +7,9 @@ Each run gets ``runs/sft/<name>/`` (see qmd_unsloth.runs); the merged model land
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from .config import SFTConfig, parse_stage_args, stage_parser
+from .config import SFTConfig
 
 
 def prepare_datasets(cfg: SFTConfig, tokenizer, run: Path):
@@ -79,44 +78,19 @@ def build_trainer(cfg: SFTConfig, run: Path):
 
 def run(cfg: SFTConfig, resume: bool = False) -> Path:
     """Trains, writes the run folder, and returns the path of the merged model."""
-    from .data import data_hash
-    from .model import save_merged
-    from .runs import finish, last_checkpoint, start, stop_callback
+    from .runs import train_stage
 
-    run_path = start(cfg, "sft", resume, data_hash(cfg.data))
-    trainer, tokenizer, backend, meta = build_trainer(cfg, run_path)
-    stopper = stop_callback()
-    trainer.add_callback(stopper)
-    ckpt = last_checkpoint(run_path) if resume else None
-    print(f"sft: backend {backend}, {meta['train']} train / {meta['val']} val rows, run folder {run_path}"
-          + (f", resuming from {ckpt}" if ckpt else ""))
-    trainer.train(resume_from_checkpoint=ckpt)
-    extra = {"backend": backend, "train_rows": meta["train"], "val_rows": meta["val"]}
-    if stopper.requested:
-        finish(run_path, trainer, ("loss", "eval_loss"), "loss.png", {**extra, "interrupted": True})
-        print(f"sft: stopped; checkpoint saved under {run_path / 'checkpoints'}; continue with --resume",
-              file=sys.stderr)
-        raise SystemExit(130)
-    if trainer.eval_dataset is not None:
-        trainer.log(trainer.evaluate())
-    finish(run_path, trainer, ("loss", "eval_loss"), "loss.png", extra)
-    merged = save_merged(trainer.model, tokenizer, run_path / "merged", backend, cfg.base_model, cfg)
-    print(f"sft: merged model written to {merged}")
-    return merged
+    def build(cfg, run_path):
+        trainer, tokenizer, backend, meta = build_trainer(cfg, run_path)
+        return trainer, tokenizer, backend, {"train_rows": meta["train"], "val_rows": meta["val"]}
+
+    return train_stage("sft", cfg, resume, build, ("loss", "eval_loss"), "loss.png", cfg.base_model, evaluate=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = stage_parser("sft", __doc__.split("\n\n")[0])
-    parser.add_argument("--resume", action="store_true", help="continue the latest (or --run-name) run")
-    cfg, args = parse_stage_args("sft", __doc__, argv, parser)
-    from .model import ModelLoadError
+    from .runs import stage_main
 
-    try:
-        run(cfg, resume=args.resume)
-    except ModelLoadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return stage_main("sft", __doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -136,3 +136,28 @@ def test_grpo_rewards_with_the_query_column_and_writes_a_merged_model(tiny_model
     from qmd_unsloth.prompt import render_prompt
 
     assert rows[0]["prompt"] == render_prompt(rows[0]["query"])  # the same prompt as SFT and serving
+
+
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("unsloth") is None,
+                    reason="unsloth not installed (.ci/run installs it with --no-deps for its CPU backend)")
+def test_unsloth_backend_sft_through_its_cpu_fallback(tiny_model, data_file, tmp_path):
+    """The Unsloth code path (FastLanguageModel.from_pretrained / get_peft_model / save_pretrained_merged) on CPU.
+
+    Run in a subprocess: importing unsloth patches transformers and trl for the whole process.  Unsloth's CPU
+    backend loads 16-bit weights (no bitsandbytes on CPU) and supports SFT only, so GRPO's Unsloth path is left to
+    the GPU suite.
+    """
+    r = run_module("qmd_unsloth.sft", "--base-model", str(tiny_model), "--data", f'["{data_file}"]', "--output-dir",
+                   str(tmp_path), "--run-name", "u", "--max-steps", "2", "--per-device-train-batch-size", "2",
+                   "--gradient-accumulation-steps", "1", "--logging-steps", "1", "--eval-steps", "2",
+                   "--save-steps", "2", "--max-seq-length", "256", "--val-fraction", "0.2", "--backend", "unsloth",
+                   "--report-to", "[]")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "sft: backend unsloth" in r.stdout
+    run = tmp_path / "sft" / "u"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["backend"] == "unsloth" and metrics["global_step"] == 2
+    from qmd_unsloth.infer import expand, load
+
+    model, tok = load(str(run / "merged"))  # save_pretrained_merged wrote a loadable 16-bit model
+    assert len(expand(model, tok, ["docker volumes"], max_new_tokens=4)) == 1
