@@ -204,12 +204,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def prepared_rows(examples: list[Example], chat_template: str | None = None) -> list[dict]:
     """Rows in the prompt/completion form TRL's trainers take, plus the query (the GRPO reward reads it)."""
-    from .prompt import format_target, qwen3_chat_template, render_example
+    from .prompt import ExampleRenderer, format_target, qwen3_chat_template
 
-    template = chat_template or qwen3_chat_template()
+    render = ExampleRenderer(chat_template or qwen3_chat_template())
     rows = []
     for ex in examples:
-        rendered = render_example(ex.query, ex.pairs, template)
+        rendered = render(ex.query, ex.pairs)
         rows.append({"query": ex.query, "category": ex.category or "", "target": format_target(ex.pairs), **rendered})
     return rows
 

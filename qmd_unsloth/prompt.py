@@ -85,6 +85,40 @@ def render_example(query: str, pairs: list[tuple[str, str]], tokenizer=None) -> 
     return {"prompt": prompt, "completion": completion}
 
 
+class ExampleRenderer:
+    """``render_example`` for many rows with one template, fast: the template is rendered once with placeholders
+    and the query and target are substituted.  Every ``check_every``-th row (and the first) is also rendered in full
+    and compared; on any difference the renderer falls back to full rendering for good."""
+
+    _Q, _T = "\x00QUERY\x00", "\x00TARGET\x00"
+
+    def __init__(self, tokenizer=None, check_every: int = 250):
+        self.template = _template_of(tokenizer)
+        self.check_every = check_every
+        self.count = 0
+        try:
+            ph = render_example(self._Q, [("lex", self._T)], self.template)
+            self.prompt_ph = ph["prompt"]
+            self.completion_ph = ph["completion"].replace(f"lex: {self._T}", self._T, 1)
+            self.fast = self.prompt_ph.count(self._Q) == 1 and self.completion_ph.count(self._T) == 1
+        except ValueError:
+            self.fast = False
+
+    def __call__(self, query: str, pairs) -> dict[str, str]:
+        self.count += 1
+        if not self.fast:
+            return render_example(query, pairs, self.template)
+        q = query.strip()
+        out = {"prompt": self.prompt_ph.replace(self._Q, q),
+               "completion": self.completion_ph.replace(self._T, format_target(pairs))}
+        if self.count == 1 or self.count % self.check_every == 0:
+            full = render_example(query, pairs, self.template)
+            if full != out:
+                self.fast = False
+                return full
+        return out
+
+
 def format_target(pairs) -> str:
     """Writes (kind, text) pairs as the target text: hyde first, then lex, then vec, order kept within a kind."""
     rank = {k: i for i, k in enumerate(KINDS_ORDER)}

@@ -72,3 +72,25 @@ def test_parse_completion_round_trips_and_skips_junk():
                                       ("vec", "how do I configure authentication"),
                                       ("vec", "where are auth settings stored")]
     assert format_target(parse_completion(format_target(PAIRS))) == format_target(PAIRS)
+
+
+def test_fast_renderer_matches_full_rendering(tokenizer):
+    from qmd_unsloth.prompt import ExampleRenderer
+
+    render = ExampleRenderer(tokenizer, check_every=1)
+    queries = ["auth config", '"go modules" proxy', "C++ {{ raw }} {% x %}", "café ünïcode", "a\\nb"]
+    for q in queries:
+        assert render(q, PAIRS) == render_example(q, PAIRS, tokenizer)
+    assert render.fast  # no difference was found, so the fast path stayed on
+
+
+def test_fast_renderer_falls_back_when_a_template_transforms_content():
+    from qmd_unsloth.prompt import ExampleRenderer
+
+    # a template that rewrites words of the user's text: placeholders cannot see that, the first-row check does
+    tmpl = ("{% for m in messages %}<{{ m.role }}>{% if m.role == 'user' %}{{ m.content | replace('auth', 'AUTH') }}"
+            "{% else %}{{ m.content }}{% endif %}</s>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    render = ExampleRenderer(tmpl)
+    assert render("auth config", PAIRS) == render_example("auth config", PAIRS, tmpl)
+    assert "AUTH config" in render("auth config", PAIRS)["prompt"]
+    assert not render.fast
