@@ -37,9 +37,7 @@ def prompt_dataset(cfg: GRPOConfig, tokenizer, run: Path):
 
 
 def build_trainer(cfg: GRPOConfig, run: Path):
-    import os
-
-    from .model import add_lora, choose_backend, load_base, precision
+    from .model import add_lora, choose_backend, load_base
     from .reward import grpo_reward
 
     backend = choose_backend(cfg.backend, cfg.use_cpu)
@@ -55,33 +53,18 @@ def build_trainer(cfg: GRPOConfig, run: Path):
     model = add_lora(model, cfg, backend)
     train = prompt_dataset(cfg, tokenizer, run)
 
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run / "tb")
     from trl import GRPOConfig as TRLGRPOConfig
     from trl import GRPOTrainer
 
+    from .runs import training_args
+
     args = TRLGRPOConfig(
-        output_dir=str(run / "checkpoints"),
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler_type,
-        warmup_steps=cfg.warmup_ratio,
-        weight_decay=cfg.weight_decay,
+        **training_args(cfg, run, backend),
         beta=cfg.beta,
         num_generations=cfg.num_generations,
         max_completion_length=cfg.max_completion_length,
         temperature=cfg.temperature,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        max_steps=cfg.max_steps,
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        seed=cfg.seed,
-        report_to=list(cfg.report_to),
-        use_cpu=cfg.use_cpu,
         use_vllm=fast,
-        gradient_checkpointing=cfg.gradient_checkpointing and backend == "hf",
-        **precision(cfg.use_cpu),
     )
     trainer = GRPOTrainer(model=model, reward_funcs=[grpo_reward], args=args, train_dataset=train,
                           processing_class=tokenizer)

@@ -148,7 +148,7 @@ def _close(a: str, b: str) -> bool:
 
 
 def _edit_distance(a: str, b: str, limit: int) -> int:
-    prev = list(range(len(b) + 1))
+    prev = prev2 = list(range(len(b) + 1))
     for i, ca in enumerate(a, 1):
         cur = [i]
         for j, cb in enumerate(b, 1):

@@ -71,6 +71,33 @@ def start(cfg: StageConfig, stage: str, resume: bool, data_hash: str | None = No
     return path
 
 
+def training_args(cfg, run: Path, backend: str) -> dict:
+    """The TrainingArguments both trainers share, from a stage config (TensorBoard logs go to ``<run>/tb``)."""
+    from .model import precision
+
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run / "tb")
+    return dict(
+        output_dir=str(run / "checkpoints"),
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=cfg.weight_decay,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        max_steps=cfg.max_steps,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        report_to=list(cfg.report_to),
+        use_cpu=cfg.use_cpu,
+        # Unsloth brings its own gradient checkpointing ("unsloth"), set in get_peft_model
+        gradient_checkpointing=cfg.gradient_checkpointing and backend == "hf",
+        **precision(cfg.use_cpu),
+    )
+
+
 def last_checkpoint(path: Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 

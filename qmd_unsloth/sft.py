@@ -30,7 +30,7 @@ def prepare_datasets(cfg: SFTConfig, tokenizer, run: Path):
 
 def build_trainer(cfg: SFTConfig, run: Path):
     """Loads the model with a fresh LoRA and returns (trainer, tokenizer, backend)."""
-    from .model import load_for_training, precision
+    from .model import load_for_training
 
     model, tokenizer, backend = load_for_training(cfg.base_model, cfg)
     if tokenizer.chat_template is None:
@@ -39,38 +39,21 @@ def build_trainer(cfg: SFTConfig, run: Path):
         tokenizer.chat_template = qwen3_chat_template()
     train, val, meta = prepare_datasets(cfg, tokenizer, run)
 
-    import os
-
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run / "tb")
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
+    from .runs import training_args
+
     args = TRLSFTConfig(
-        output_dir=str(run / "checkpoints"),
+        **training_args(cfg, run, backend),
         max_length=cfg.max_seq_length,
         completion_only_loss=True,
         packing=cfg.packing,
         num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
         per_device_eval_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler_type,
-        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
-        weight_decay=cfg.weight_decay,
-        logging_steps=cfg.logging_steps,
         eval_strategy="steps" if val is not None else "no",
         eval_steps=cfg.eval_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        seed=cfg.seed,
-        report_to=list(cfg.report_to),
-        use_cpu=cfg.use_cpu,
-        gradient_checkpointing=cfg.gradient_checkpointing and backend == "hf",
         dataset_num_proc=None,
-        **precision(cfg.use_cpu),
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, processing_class=tokenizer)
     return trainer, tokenizer, backend, meta

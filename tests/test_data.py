@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from qmd_unsloth.data import (DataError, is_val, load_examples, near_duplicate_key, normalise_query, prepare,
-                              split, validate)
+from qmd_unsloth.data import (DataError, is_val, load_examples, near_duplicate_key, normalise_query, split,
+                              validate)
 from tests.conftest import run_module
 
 ROW = {"query": "docker volumes", "category": "devops",

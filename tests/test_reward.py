@@ -135,6 +135,16 @@ def test_misspelled_and_inflected_terms_still_count_as_query_terms():
     assert "QMD drops" not in reasons(q, c)
 
 
+@pytest.mark.parametrize("a, b, close", [("recieve", "receive", True), ("kubernets", "kubernetes", True),
+                                         ("pyhton", "python", True), ("go", "google", False), ("java", "javascript", True),
+                                         ("docker", "podman", False)])
+def test_term_closeness(a, b, close):
+    from qmd_unsloth.reward import _close, _edit_distance
+
+    assert _close(a, b) is close
+    assert _edit_distance("recieve", "receive", 2) == 1  # a transposition is one edit
+
+
 def test_entities_must_survive_in_lex_lines():
     q = "AWS S3 lifecycle rules"
     ok = ("lex: AWS S3 lifecycle\nlex: AWS S3 expiration rules\n"
