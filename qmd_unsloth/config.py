@@ -127,6 +127,7 @@ class ExportConfig(StageConfig):
     out: Path = Path("runs/gguf")
     quant: str = "q4_k_m"
     also: list[str] = Field(default_factory=list, description="extra quantizations, e.g. q8_0")
+    name: str = Field("qmd-query-expansion", description="file names are <name>-<quant>.gguf")
     llama_cpp_dir: Path = Field(Path.home() / ".cache" / "qmd_unsloth" / "llama.cpp")
     allow_llama_cpp_install: bool = Field(False, description="let Unsloth install llama.cpp itself (needs network)")
 

@@ -1,0 +1,115 @@
+"""GGUF export of the tiny model through llama.cpp's converter and quantizer, verified by llama.cpp (CPU, offline).
+
+Needs llama-cpp-python and the tools folder: `bash scripts/install_llama_cpp.sh` (CI runs it); skipped otherwise.
+"""
+
+import json
+import shutil
+
+import pytest
+
+from qmd_unsloth import config as C
+from qmd_unsloth.llamacpp import DEFAULT_DIR, ToolsMissing, check
+from tests.conftest import run_module
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: bash scripts/install_llama_cpp.sh")
+try:
+    check(DEFAULT_DIR)
+except ToolsMissing as e:  # pragma: no cover - depends on the machine
+    pytest.skip(str(e), allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model, tmp_path_factory):
+    from qmd_unsloth.export import export
+
+    out = tmp_path_factory.mktemp("gguf")
+    report = export(C.load(C.ExportConfig, None, model=tiny_model, out=out, also=["q8_0"]))
+    return out, report
+
+
+def test_q4_k_m_and_q8_0_are_written_and_verified(exported):
+    out, report = exported
+    q4 = report["files"]["qmd-query-expansion-q4_k_m.gguf"]
+    q8 = report["files"]["qmd-query-expansion-q8_0.gguf"]
+    assert q4["file_type"] == "Q4_K_M" and "Q4_K" in q4["tensor_types"]
+    assert q8["file_type"] == "Q8_0" and "Q8_0" in q8["tensor_types"]
+    for info in (q4, q8):
+        assert info["eos_token"] == "<|im_end|>" and info["architecture"] == "qwen3"
+        assert info["prompt_matches_training"] is True
+        assert 0 < info["smoke_generation"]["tokens"] <= 32
+    assert q4["bytes"] < q8["bytes"] and q4["bits_per_weight"] < q8["bits_per_weight"]
+    assert (out / "qmd-query-expansion-q4_k_m.gguf").is_file()
+    assert json.loads((out / "export.json").read_text())["backend"] == "hf"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_embedded_chat_template_renders_the_training_prompt(exported):
+    from qmd_unsloth.export import read_gguf
+    from qmd_unsloth.prompt import render_prompt
+
+    out, _ = exported
+    info = read_gguf(out / "qmd-query-expansion-q4_k_m.gguf", DEFAULT_DIR)
+    for q in ("auth config", '"connection reset by peer"', "kubernets ingress"):
+        assert render_prompt(q, info["chat_template"]) == render_prompt(q)
+
+
+def test_llama_cpp_tokenizes_the_prompt_like_the_hf_tokenizer(exported, tiny_model):
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    from qmd_unsloth.prompt import render_prompt
+
+    out, _ = exported
+    prompt = render_prompt("docker volumes")
+    llm = Llama(model_path=str(out / "qmd-query-expansion-q4_k_m.gguf"), n_ctx=256, verbose=False)
+    hf = AutoTokenizer.from_pretrained(tiny_model)
+    assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == hf(prompt, add_special_tokens=False)["input_ids"]
+    llm.close()
+
+
+def test_modelfile_uses_qmd_sampling_and_no_system_prompt(exported):
+    out, _ = exported
+    text = (out / "Modelfile").read_text()
+    assert "FROM ./qmd-query-expansion-q4_k_m.gguf" in text
+    for line in ("PARAMETER temperature 0.7", "PARAMETER top_k 20", "PARAMETER top_p 0.8", "PARAMETER stop <|im_end|>"):
+        assert line in text
+    assert "SYSTEM" not in text and "<think>\n\n</think>\n\n" in text
+
+
+def test_missing_tools_is_a_one_line_error(tiny_model, tmp_path):
+    r = run_module("qmd_unsloth.export", "--model", str(tiny_model), "--out", str(tmp_path / "o"),
+                   "--llama-cpp-dir", str(tmp_path / "none"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == (f"error: llama.cpp tools: {tmp_path / 'none' / 'convert_hf_to_gguf.py'} is missing; "
+                                f"prepare them with: python -m qmd_unsloth.llamacpp prepare --dir {tmp_path / 'none'}")
+
+
+def test_a_file_that_fails_verification_never_reaches_its_final_name(tiny_model, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model, bad)
+    cfg = json.loads((bad / "tokenizer_config.json").read_text())
+    cfg["eos_token"] = "<|endoftext|>"  # the exported EOS would not be <|im_end|>
+    (bad / "tokenizer_config.json").write_text(json.dumps(cfg))
+    gen = json.loads((bad / "config.json").read_text())
+    gen["eos_token_id"] = 0
+    (bad / "config.json").write_text(json.dumps(gen))
+    r = run_module("qmd_unsloth.export", "--model", str(bad), "--out", str(tmp_path / "o"))
+    assert r.returncode == 1 and "EOS token is '<|endoftext|>', expected '<|im_end|>'" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert list((tmp_path / "o").iterdir()) == []
+
+
+def test_an_adapter_is_merged_onto_its_base_and_exported(tiny_model, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    model.save_pretrained(tmp_path / "adapter")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "adapter")
+    r = run_module("qmd_unsloth.export", "--model", str(tmp_path / "adapter"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((tmp_path / "o" / "export.json").read_text())
+    assert report["source_kind"] == "adapter"
+    assert report["files"]["qmd-query-expansion-q4_k_m.gguf"]["file_type"] == "Q4_K_M"
