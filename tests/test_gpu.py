@@ -61,3 +61,18 @@ def test_unsloth_4bit_sft_grpo_merge(qwen3_1_7b_shaped, tmp_path):
     gm = json.loads((grpo_merged.parent / "metrics.json").read_text())
     assert gm["backend"] == "unsloth" and any("reward" in h for h in gm["log_history"])
     print(f"\nGPU {torch.cuda.get_device_name(0)}: SFT peak {sft_peak:.1f} GiB, GRPO peak {grpo_peak:.1f} GiB")
+
+
+def test_unsloth_save_pretrained_gguf_export(qwen3_1_7b_shaped, tmp_path):
+    """Q4_K_M through Unsloth's own save_pretrained_gguf, pointed at the pinned tools folder (prepare it first with
+    `bash scripts/install_llama_cpp.sh`; the GPU machine has no network)."""
+    from qmd_unsloth import config as C
+    from qmd_unsloth.export import export
+    from qmd_unsloth.llamacpp import DEFAULT_DIR, check
+
+    check(DEFAULT_DIR)
+    report = export(C.load(C.ExportConfig, None, model=qwen3_1_7b_shaped, out=tmp_path / "gguf"))
+    assert report["backend"] == "unsloth"
+    info = report["files"]["qmd-query-expansion-q4_k_m.gguf"]
+    assert info["file_type"] == "Q4_K_M" and info["prompt_matches_training"]
+    print(f"\nQ4_K_M of the 1.7B shape: {info['bytes'] / 2**30:.2f} GiB, {info['bits_per_weight']} bits/weight")
