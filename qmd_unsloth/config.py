@@ -146,8 +146,9 @@ class EvalConfig(StageConfig):
     top_p: float = Field(0.8, gt=0, le=1)
     presence_penalty: float = 0.5
     max_new_tokens: int = Field(256, gt=0)
-    min_score: float = Field(0.0, ge=0, le=1)
-    compare: str | None = None
+    min_score: float = Field(0.0, ge=0, le=1, description="exit 1 when the mean score is below this")
+    compare: str | None = Field(None, description="a second model scored side by side")
+    seed: int = 0
 
 
 STAGES: dict[str, type[StageConfig]] = {"sft": SFTConfig, "grpo": GRPOConfig, "export": ExportConfig,
