@@ -1,0 +1,79 @@
+"""The retrieval benchmark: a small collection built here, and Cranfield from ../shared/ir when it is there."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qmd_unsloth.bench import load_collection, rrf
+from tests.conftest import REPO, run_module
+
+pytest.importorskip("bm25s")
+pytest.importorskip("sentence_transformers")
+CRANFIELD = REPO.parent / "shared" / "ir" / "cranfield"
+
+DOCS = {
+    "d1": ("pod restart loop", "A container that keeps crashing makes the kubelet back off and restart it again."),
+    "d2": ("tram timetable", "The number 28 tram climbs through Alfama and Graca every twelve minutes."),
+    "d3": ("sourdough", "A dense crumb usually means an underproofed dough or a weak starter."),
+    "d4": ("volumes", "Named volumes keep data after the container is removed."),
+    "d5": ("ingress", "An ingress controller routes external HTTP traffic to services."),
+    "d6": ("backoff", "CrashLoopBackOff is the status shown while the kubelet waits before the next restart."),
+}
+
+
+def make_collection(root: Path) -> Path:
+    root.mkdir()
+    (root / "tiny.all.xml").write_text("".join(
+        f"<doc>\n<docno>{d}</docno>\n<title>{t}</title>\n<text>{x}</text>\n</doc>\n" for d, (t, x) in DOCS.items()))
+    # <num> ids are gappy; the judgments number queries by position (as Cranfield does)
+    (root / "tiny.qry.xml").write_text("<xml>\n<top>\n<num> 7</num>\n<title>\nk8s pod crashing over and over .\n</title>\n"
+                                       "</top>\n<top>\n<num> 9</num>\n<title>\nlisbon tram\n</title>\n</top>\n</xml>\n")
+    (root / "tinyqrel.txt").write_text("1 0 d6 1\n1 0 d1 1\n2 0 d2 1\n")
+    return root
+
+
+def test_loads_trec_xml_and_maps_judged_ids_by_position(tmp_path):
+    col = load_collection(make_collection(tmp_path / "c"))
+    assert col.doc_ids == list(DOCS) and col.queries == {"1": "k8s pod crashing over and over", "2": "lisbon tram"}
+    assert col.qrels["1"] == {"d6": 1, "d1": 1}
+
+
+def test_rrf_weights_raw_lists_double():
+    fused = rrf([([1, 2], 2.0), ([3, 2], 1.0)])
+    assert fused[0] == 2 and fused.index(1) < fused.index(3)
+
+
+def test_expansions_change_the_ranking(tmp_path):
+    col = make_collection(tmp_path / "c")
+    exp = tmp_path / "exp.jsonl"
+    exp.write_text(json.dumps({"id": "1", "query": "k8s pod crashing over and over", "completion":
+                               "hyde: CrashLoopBackOff means the kubelet waits before restarting a crashing container.\n"
+                               "lex: CrashLoopBackOff kubelet\nlex: pod restart\nvec: why does my kubernetes pod "
+                               "keep restarting"}) + "\n" +
+                   json.dumps({"id": "2", "query": "lisbon tram", "completion": "lex: 28 tram\nvec: tram 28 timetable"})
+                   + "\n")
+    r = run_module("qmd_unsloth.bench", "retrieval", "--collection", str(col), "--expansions", str(exp), "--out",
+                   str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((tmp_path / "out" / "retrieval.json").read_text())["metrics"]
+    assert set(m) == {"bm25", "dense", "hybrid", "bm25+lex", "dense+vec/hyde", "hybrid+expansions"}
+    # "k8s pod crashing over and over" shares no stemmed term with d6; the lex line CrashLoopBackOff finds it
+    assert m["bm25+lex"]["recall@100"] > m["bm25"]["recall@100"]
+    assert "| hybrid+expansions |" in r.stdout
+
+
+def test_bad_collection_is_a_one_line_error(tmp_path):
+    r = run_module("qmd_unsloth.bench", "retrieval", "--collection", str(tmp_path))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "need *.all*.xml" in r.stderr
+
+
+@pytest.mark.skipif(not CRANFIELD.is_dir(), reason="../shared/ir/cranfield is not here")
+def test_cranfield_raw_baselines_match_the_reference_figures(tmp_path):
+    r = run_module("qmd_unsloth.bench", "retrieval", "--collection", str(CRANFIELD), "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((tmp_path / "retrieval.json").read_text())["metrics"]
+    # shared/ir/README.md measured these independently: BM25 0.388 / 0.738, dense 0.402 / 0.779
+    assert m["bm25"]["ndcg@10"] == pytest.approx(0.388, abs=0.01)
+    assert m["dense"]["ndcg@10"] == pytest.approx(0.402, abs=0.01)
+    assert m["hybrid"]["ndcg@10"] > max(m["bm25"]["ndcg@10"], m["dense"]["ndcg@10"])

@@ -1,0 +1,71 @@
+"""Eval of the tiny model's GGUF (llama.cpp, QMD sampling + grammar) and HF folder; the eval gate."""
+
+import json
+
+import pytest
+
+from qmd_unsloth import config as C
+from qmd_unsloth.eval import GBNF, read_queries
+from tests.conftest import REPO, run_module
+
+
+def test_eval_queries_file_has_categories():
+    pairs = read_queries(REPO / "data" / "eval_queries.txt")
+    assert len(pairs) >= 60 and len({c for c, _ in pairs}) == 17
+    assert ("misspellings", "kubernets ingress") in pairs
+
+
+def test_grammar_admits_only_prefixed_lines():
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp.LlamaGrammar.from_string(GBNF, verbose=False)  # parses
+    assert '"lex" | "vec" | "hyde"' in GBNF
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_model, tmp_path_factory):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: bash scripts/install_llama_cpp.sh")
+    from qmd_unsloth.export import export
+    from qmd_unsloth.llamacpp import DEFAULT_DIR, ToolsMissing, check
+
+    try:
+        check(DEFAULT_DIR)
+    except ToolsMissing as e:
+        pytest.skip(str(e))
+    out = tmp_path_factory.mktemp("gguf")
+    export(C.load(C.ExportConfig, None, model=tiny_model, out=out))
+    return out / "qmd-query-expansion-q4_k_m.gguf"
+
+
+@pytest.fixture
+def few_queries(tmp_path):
+    p = tmp_path / "q.txt"
+    p.write_text("# category: devops\ndocker volumes\nnginx reload\n\n# category: science\nhalf-life\n")
+    return p
+
+
+def test_gguf_eval_with_samples_and_compare(tiny_gguf, tiny_model, few_queries, tmp_path):
+    r = run_module("qmd_unsloth.eval", "--model", str(tiny_gguf), "--queries", str(few_queries), "--out",
+                   str(tmp_path / "ev"), "--samples", "2", "--max-new-tokens", "24", "--compare", str(tiny_model))
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    gguf, hf = report["models"]
+    assert gguf["kind"] == "gguf" and hf["kind"] == "hf"
+    assert gguf["decoding"] == {"temperature": 0.7, "top_k": 20, "top_p": 0.8, "presence_penalty": 0.5,
+                                "grammar": True}
+    assert gguf["completions"] == 6 and gguf["samples_per_query"] == 2
+    assert set(gguf["categories"]) == {"devops", "science"}
+    assert sum(gguf["ratings"].values()) == 6 and 0 <= gguf["mean_score"] <= 1
+    assert all(row["tokens"] <= 24 for row in gguf["rows"])
+    # the grammar keeps every generated line prefixed: no "line without a prefix" failures
+    assert not any("without a lex:/vec:/hyde: prefix" in " ".join(row["reasons"]) for row in gguf["rows"])
+    md = (tmp_path / "ev" / "report.md").read_text()
+    assert f"| metric | {tiny_gguf.name} | {tiny_model.name} |" in md
+    assert (tmp_path / "ev" / "report.png").stat().st_size > 1000
+
+
+def test_min_score_gate_and_bad_model(tiny_gguf, few_queries, tmp_path):
+    r = run_module("qmd_unsloth.eval", "--model", str(tiny_gguf), "--queries", str(few_queries), "--out",
+                   str(tmp_path / "ev"), "--greedy", "--max-new-tokens", "16", "--min-score", "0.99")
+    assert r.returncode == 1 and "is below --min-score 0.99" in r.stderr
+    r = run_module("qmd_unsloth.eval", "--model", str(tmp_path / "nope.gguf"), "--out", str(tmp_path / "ev2"))
+    assert r.returncode == 1 and r.stderr.strip() == f"error: {tmp_path / 'nope.gguf'}: GGUF file not found"
