@@ -184,13 +184,14 @@ def minilm_path() -> str:
     return str(Path(next(iter(spec.submodule_search_locations))) / "model")
 
 
-def expansions_from_model(model: str, queries: dict[str, str], out: Path) -> dict[str, list[tuple[str, str]]]:
+def expansions_from_model(model: str, queries: dict[str, str], out: Path,
+                          max_new_tokens: int = 160) -> dict[str, list[tuple[str, str]]]:
     """Expansions for every query (greedy), kept in ``out/expansions.jsonl`` for --expansions next time."""
     from .config import EvalConfig, load
     from .eval import GGUFGenerator, HFGenerator
     from .prompt import parse_completion
 
-    cfg = load(EvalConfig, None, greedy=True, max_new_tokens=256)
+    cfg = load(EvalConfig, None, greedy=True, max_new_tokens=max_new_tokens)
     gen = GGUFGenerator(Path(model), cfg) if model.endswith(".gguf") else HFGenerator(model, cfg)
     result, lines = {}, []
     from tqdm import tqdm
@@ -220,7 +221,7 @@ def retrieval(args) -> dict:
     if args.expansions:
         exps = load_expansions(Path(args.expansions))
     elif args.model:
-        exps = expansions_from_model(args.model, queries, out)
+        exps = expansions_from_model(args.model, queries, out, args.max_new_tokens)
     t0 = time.perf_counter()
     ret = Retriever(col)
     runs = {qid: runs_for(ret, qid, text, exps.get(qid, []) if exps is not None else None)
@@ -248,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--expansions", help="expansions.jsonl from an earlier run (instead of --model)")
     r.add_argument("--out", default="runs/bench")
     r.add_argument("--limit", type=int, default=0, help="only the first N queries")
+    r.add_argument("--max-new-tokens", type=int, default=160, help="cap on each generated expansion")
     args = ap.parse_args(argv)
     from .eval import EvalError
     from .model import ModelLoadError
