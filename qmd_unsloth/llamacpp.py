@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
+
+from .data import atomic_folder
 
 LLAMA_CPP_PYTHON = "0.3.36"
 DEFAULT_DIR = Path(os.environ.get("QMD_UNSLOTH_CACHE", Path.home() / ".cache" / "qmd_unsloth")) / "llama.cpp"
@@ -52,11 +52,11 @@ def check(tools: str | os.PathLike = DEFAULT_DIR) -> Path:
         if not (tools / name).exists():
             raise ToolsMissing(f"llama.cpp tools: {tools / name} is missing; prepare them with: {PREPARE_HINT}"
                                + (f" --dir {tools}" if tools != DEFAULT_DIR else ""))
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
+    from importlib.util import find_spec
+
+    if find_spec("llama_cpp") is None:
         raise ToolsMissing("llama-cpp-python is not installed (it quantizes and verifies GGUF files); install it "
-                           f"with: pip install llama-cpp-python=={LLAMA_CPP_PYTHON}") from None
+                           f"with: pip install llama-cpp-python=={LLAMA_CPP_PYTHON}")
     return tools
 
 
@@ -75,9 +75,7 @@ def prepare(tools: str | os.PathLike = DEFAULT_DIR, sdist: str | os.PathLike | N
     """Builds the tools folder (atomically: a temporary folder renamed when complete)."""
     tools = Path(tools)
     sdist = Path(sdist) if sdist else fetch_sdist(tools.parent / "sdist")
-    tools.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{tools.name}.", dir=tools.parent))
-    try:
+    with atomic_folder(tools) as tmp:
         prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
         with tarfile.open(sdist) as tar:
             members = [m for m in tar.getmembers() if m.name.startswith(prefix) and (
@@ -90,13 +88,6 @@ def prepare(tools: str | os.PathLike = DEFAULT_DIR, sdist: str | os.PathLike | N
         quantize.write_text(QUANTIZE_SCRIPT.format(python=sys.executable, types=QUANT_TYPES))
         quantize.chmod(0o755)
         (tmp / "TOOLS.json").write_text(json.dumps({"llama_cpp_python": LLAMA_CPP_PYTHON, "sdist": sdist.name}) + "\n")
-        tmp.chmod(0o755)
-        if tools.exists():
-            shutil.rmtree(tools)
-        os.replace(tmp, tools)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return tools
 
 
@@ -154,7 +145,9 @@ def _convert_main(argv: list[str]) -> None:
 def quantize(tools: Path, src: Path, dst: Path, quant: str) -> None:
     if quant not in QUANT_TYPES:
         raise ValueError(f"quant: unknown type {quant!r} (one of {', '.join(QUANT_TYPES)})")
-    r = subprocess.run([str(tools / "llama-quantize"), str(src), str(dst), quant], capture_output=True, text=True)
+    # through this interpreter (the script's shebang names the python that prepared the folder, for Unsloth)
+    r = subprocess.run([sys.executable, str(tools / "llama-quantize"), str(src), str(dst), quant],
+                       capture_output=True, text=True)
     if r.returncode != 0 or not dst.is_file():
         raise RuntimeError(f"llama-quantize {quant} failed: {(r.stderr.strip().splitlines() or ['no output'])[-1]}")
 

@@ -190,12 +190,11 @@ def load_for_training(name: str, cfg):
 def save_merged(model, tokenizer, out: str | os.PathLike, backend: str, base_name: str | None = None, cfg=None) -> Path:
     """Writes the LoRA merged into 16-bit weights to ``out`` (a temporary folder renamed when complete)."""
     import shutil
-    import tempfile
+
+    from .data import atomic_folder
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         if backend == "unsloth":
             model.save_pretrained_merged(str(tmp), tokenizer, save_method="merged_16bit")
         elif getattr(model.base_model.model, "is_loaded_in_4bit", False) and base_name:
@@ -215,11 +214,4 @@ def save_merged(model, tokenizer, out: str | os.PathLike, backend: str, base_nam
             merged = model.merge_and_unload()
             merged.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        out.chmod(0o755)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from .data import DEFAULT_DATA_DIR, atomic_write_text, data_files
+from .data import DEFAULT_DATA_DIR, atomic_folder, atomic_write_text, data_files
 from .prompt import qwen3_chat_template
 
 TINY_VERSION = 1  # bump when the recipe changes: cached copies are rebuilt
@@ -76,9 +76,6 @@ def build_tokenizer(vocab_size: int = 4096, data_paths=None):
 
 def build(out: str | os.PathLike = DEFAULT_DIR, seed: int = 0, vocab_size: int = 4096, data_paths=None) -> Path:
     """Writes the tiny model and tokenizer to ``out`` (atomically: a temporary folder renamed at the end)."""
-    import shutil
-    import tempfile
-
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
@@ -90,18 +87,10 @@ def build(out: str | os.PathLike = DEFAULT_DIR, seed: int = 0, vocab_size: int =
                          pad_token_id=tokenizer.pad_token_id)
     model = Qwen3ForCausalLM(config)
     model.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         atomic_write_text(tmp / "TINY_MODEL.json", json.dumps({"version": TINY_VERSION, "seed": seed}) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

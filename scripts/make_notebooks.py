@@ -15,18 +15,21 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Both platforms: Unsloth from the registry, then this project and the pinned llama.cpp tools.
+INSTALL = ("run([sys.executable, '-m', 'pip', 'install', '-q', 'unsloth'])\n"
+           "if not Path('qmd_unsloth').exists():\n"
+           "    run(['git', 'clone', '-q', REPO_URL, 'qmd_unsloth'])\n"
+           "os.chdir('qmd_unsloth')\n"
+           "run([sys.executable, '-m', 'pip', 'install', '-q', '-e', '.[gpu]'])\n"
+           "run(['bash', 'scripts/install_llama_cpp.sh'])")
+
 PLATFORM = {
     "colab": {
         "title": "Colab",
         "first": ("import os\n"
                   "WORK = '/content/runs'          # Colab's disk; download the GGUF at the end"),
-        "install": ("# Unsloth's recommended Colab install: pip install unsloth (it brings a matching torch stack)\n"
-                    "run([sys.executable, '-m', 'pip', 'install', '-q', 'unsloth'])\n"
-                    "if not Path('qmd_unsloth').exists():\n"
-                    "    run(['git', 'clone', '-q', REPO_URL, 'qmd_unsloth'])\n"
-                    "os.chdir('qmd_unsloth')\n"
-                    "run([sys.executable, '-m', 'pip', 'install', '-q', '-e', '.[gpu]'])\n"
-                    "run(['bash', 'scripts/install_llama_cpp.sh'])"),
+        "install": "# Unsloth's recommended Colab install: pip install unsloth (it brings a matching torch stack)\n"
+                   + INSTALL,
         "download": ("if not SMOKE:\n"
                      "    from google.colab import files\n"
                      "    files.download(str(GGUF))"),
@@ -38,13 +41,8 @@ PLATFORM = {
                   "os.environ['CUDA_VISIBLE_DEVICES'] = '0'\n"
                   "# large files go outside /kaggle/working (its 20 GB output limit); copy the GGUF back at the end\n"
                   "WORK = '/kaggle/tmp/runs'"),
-        "install": ("# Unsloth's recommended Kaggle install (internet must be on in the notebook settings)\n"
-                    "run([sys.executable, '-m', 'pip', 'install', '-q', 'unsloth'])\n"
-                    "if not Path('qmd_unsloth').exists():\n"
-                    "    run(['git', 'clone', '-q', REPO_URL, 'qmd_unsloth'])\n"
-                    "os.chdir('qmd_unsloth')\n"
-                    "run([sys.executable, '-m', 'pip', 'install', '-q', '-e', '.[gpu]'])\n"
-                    "run(['bash', 'scripts/install_llama_cpp.sh'])"),
+        "install": "# Unsloth's recommended Kaggle install (internet must be on in the notebook settings)\n"
+                   + INSTALL,
         "download": ("if not SMOKE:\n"
                      "    import shutil\n"
                      "    shutil.copy(GGUF, '/kaggle/working/')  # appears under the notebook's Output tab\n"
@@ -132,6 +130,8 @@ def main() -> None:
         nb = new_notebook(cells=cells(platform), metadata={
             "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
             "accelerator": "GPU", "language_info": {"name": "python"}})
+        for i, cell in enumerate(nb.cells):
+            cell.id = f"{platform}-{i:02d}"  # stable ids: regenerating changes nothing but edits
         out = REPO / "notebooks" / f"{platform}_qmd_unsloth.ipynb"
         out.parent.mkdir(exist_ok=True)
         nbformat.write(nb, out)
