@@ -37,7 +37,10 @@ def render_card(run: Path, repo: str, what: str, report: dict | None) -> str:
     """The model card: YAML front matter, how to use, the eval table, the resolved training config."""
     from .eval import markdown
 
-    config = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else "(no config.yaml in the run)"
+    config_file = run / "config.yaml"
+    if not config_file.is_file() and (run / "export.json").is_file():  # an export folder: the run it came from
+        config_file = Path(json.loads((run / "export.json").read_text())["source"]).parent / "config.yaml"
+    config = config_file.read_text() if config_file.is_file() else "(no config.yaml in the run)"
     base = "Qwen/Qwen3-1.7B"
     m = re.search(r"^(?:base_model|sft_model): (.+)$", config, re.M)
     if m and "/" in m.group(1) and not m.group(1).startswith(("runs/", "/", ".")):

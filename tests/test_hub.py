@@ -99,3 +99,13 @@ def test_token_never_appears_in_errors(tmp_path):
     assert r.returncode == 1 and secret not in r.stdout + r.stderr
     assert r.stderr.startswith("error: me/x: ") and "Traceback" not in r.stderr
     assert not any(secret in p.read_text(errors="ignore") for p in tmp_path.rglob("*") if p.is_file())
+
+
+def test_card_for_an_export_folder_takes_the_config_of_the_run_it_came_from(tmp_path):
+    run = tmp_path / "grpo" / "main"
+    (run / "merged").mkdir(parents=True)
+    (run / "config.yaml").write_text("beta: 0.04\n")
+    gguf = tmp_path / "gguf"
+    gguf.mkdir()
+    (gguf / "export.json").write_text(json.dumps({"source": str(run / "merged")}))
+    assert "```yaml\nbeta: 0.04\n```" in render_card(gguf, "me/x", "gguf", None)
