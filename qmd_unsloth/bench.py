@@ -146,7 +146,7 @@ def rrf(lists: list[tuple[list[int], float]]) -> list[int]:
     return sorted(scores, key=scores.get, reverse=True)[:DEPTH]
 
 
-def runs_for(ret: Retriever, qid: str, text: str, exp: list[tuple[str, str]] | None) -> dict[str, list[int]]:
+def runs_for(ret: Retriever, text: str, exp: list[tuple[str, str]] | None) -> dict[str, list[int]]:
     raw_bm25 = ret.bm25(text)
     raw_dense = ret.dense([text])[0]
     out = {"bm25": raw_bm25, "dense": raw_dense,
@@ -224,7 +224,7 @@ def retrieval(args) -> dict:
         exps = expansions_from_model(args.model, queries, out, args.max_new_tokens)
     t0 = time.perf_counter()
     ret = Retriever(col)
-    runs = {qid: runs_for(ret, qid, text, exps.get(qid, []) if exps is not None else None)
+    runs = {qid: runs_for(ret, text, exps.get(qid, []) if exps is not None else None)
             for qid, text in queries.items()}
     metrics = measure(col, runs)
     result = {"collection": str(args.collection), "documents": len(col.docs), "queries": len(queries),

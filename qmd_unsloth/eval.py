@@ -60,27 +60,25 @@ class GGUFGenerator:
         self.cfg = cfg
 
     def __call__(self, query: str) -> tuple[str, int]:
+        from .llamacpp import generate_capped
         from .prompt import render_prompt
 
         cfg = self.cfg
         prompt = render_prompt(query, self.template)  # the template embedded in the GGUF, as a server renders it
-        tokens = self.llm.tokenize(prompt.encode(), add_bos=False, special=True)
         sampling = dict(temp=0.0) if cfg.greedy else dict(temp=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                                           presence_penalty=cfg.presence_penalty)
-        out: list[int] = []
-        for tok in self.llm.generate(tokens, grammar=self.grammar, **sampling):
-            if tok == self.llm.token_eos() or len(out) >= cfg.max_new_tokens:
-                break
-            out.append(tok)
-        return self.llm.detokenize(out, special=True).decode("utf-8", errors="replace"), len(out)
+        return generate_capped(self.llm, prompt, cfg.max_new_tokens, grammar=self.grammar, **sampling)
 
 
 class HFGenerator:
     def __init__(self, path: str, cfg: EvalConfig):
+        import torch
+
         from .infer import load
 
         self.model, self.tok = load(path)
         self.cfg = cfg
+        torch.manual_seed(cfg.seed)  # sampling is reproducible for a given --seed
 
     def __call__(self, query: str) -> tuple[str, int]:
         from .infer import expand
@@ -105,10 +103,6 @@ def evaluate(model: str, queries: list[tuple[str, str]], cfg: EvalConfig) -> dic
         if not (path / "config.json").is_file():
             raise EvalError(f"{model}: not a .gguf file or a HF model folder")
         gen, kind = HFGenerator(model, cfg), "hf"
-    if not cfg.greedy:
-        import random
-
-        random.seed(cfg.seed)
     rows = []
     samples = 1 if cfg.greedy else cfg.samples
     for cat, q in tqdm(queries, desc=f"eval {path.name}", unit="query"):
@@ -118,7 +112,7 @@ def evaluate(model: str, queries: list[tuple[str, str]], cfg: EvalConfig) -> dic
             secs = time.perf_counter() - t0
             s = score_expansion(q, text)
             rows.append({"query": q, "category": cat, "sample": i, "completion": text, "score": round(s.score, 4),
-                         "rating": s.rating, "reasons": s.reasons, "seconds": round(secs, 3), "tokens": n})
+                         "rating": s.rating, "hard_failure": s.hard_failure, "reasons": s.reasons, "seconds": round(secs, 3), "tokens": n})
     n = len(rows)
     by_cat: dict[str, list[float]] = {}
     for r in rows:
@@ -130,7 +124,7 @@ def evaluate(model: str, queries: list[tuple[str, str]], cfg: EvalConfig) -> dic
          "presence_penalty": cfg.presence_penalty if kind == "gguf" else None, "grammar": kind == "gguf"},
         "queries": len(queries), "samples_per_query": samples, "completions": n,
         "mean_score": round(sum(r["score"] for r in rows) / n, 4),
-        "format_valid": round(sum(1 for r in rows if not r["reasons"] or not r["reasons"][0].startswith("hard failure")) / n, 4),
+        "format_valid": round(sum(1 for r in rows if r["hard_failure"] is None) / n, 4),
         "ratings": {name: ratings.get(name, 0) for _, name in RATINGS},
         "categories": {c: round(sum(v) / len(v), 4) for c, v in sorted(by_cat.items())},
         "seconds_per_query": round(sum(r["seconds"] for r in rows) / n, 3),

@@ -152,6 +152,19 @@ def quantize(tools: Path, src: Path, dst: Path, quant: str) -> None:
         raise RuntimeError(f"llama-quantize {quant} failed: {(r.stderr.strip().splitlines() or ['no output'])[-1]}")
 
 
+def generate_capped(llm, prompt: str, max_tokens: int, **sampling) -> tuple[str, int]:
+    """Text a loaded ``llama_cpp.Llama`` generates for a rendered prompt, stopped at EOS or a hard token cap (a
+    random-weight model may never finish a UTF-8 character, and llama-cpp-python's chat API then ignores
+    max_tokens).  ``sampling`` goes to ``Llama.generate`` (temp, top_k, top_p, presence_penalty, grammar)."""
+    tokens = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+    out: list[int] = []
+    for tok in llm.generate(tokens, **sampling):
+        if tok == llm.token_eos() or len(out) >= max_tokens:
+            break
+        out.append(tok)
+    return llm.detokenize(out, special=True).decode("utf-8", errors="replace"), len(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_convert"]:

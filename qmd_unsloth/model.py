@@ -187,7 +187,7 @@ def load_for_training(name: str, cfg):
     return model, tok, backend
 
 
-def save_merged(model, tokenizer, out: str | os.PathLike, backend: str, base_name: str | None = None, cfg=None) -> Path:
+def save_merged(model, tokenizer, out: str | os.PathLike, backend: str, base_name: str | None = None) -> Path:
     """Writes the LoRA merged into 16-bit weights to ``out`` (a temporary folder renamed when complete)."""
     import shutil
 

@@ -101,8 +101,8 @@ class Score:
     @property
     def reasons(self) -> list[str]:
         out = [f"hard failure: {self.hard_failure}"] if self.hard_failure else []
-        for dim in self.dimensions.values():
-            out += [f"{dim.name}: {d}" for d in dim.deductions]
+        order = {n: i for i, n in enumerate(MAX_POINTS)}  # grouped by dimension, as in .dimensions
+        out += [f"{n}: -{p:g} {r}" for n, p, r in sorted(self.deductions, key=lambda d: order[d[0]])]
         return out + self.notes
 
     def as_dict(self) -> dict:

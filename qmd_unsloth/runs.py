@@ -192,7 +192,7 @@ def train_stage(stage: str, cfg, resume: bool, build, plot_keys: tuple[str, ...]
     if evaluate and trainer.eval_dataset is not None:
         trainer.log(trainer.evaluate())
     finish(run_path, trainer, plot_keys, plot_name, extra)
-    merged = save_merged(trainer.model, tokenizer, run_path / "merged", backend, base_name, cfg)
+    merged = save_merged(trainer.model, tokenizer, run_path / "merged", backend, base_name)
     print(f"{stage}: merged model written to {merged}")
     return merged
 

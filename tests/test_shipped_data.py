@@ -23,8 +23,9 @@ def figures(examples):
 
 
 def eval_queries():
-    lines = (DEFAULT_DATA_DIR / "eval_queries.txt").read_text().splitlines()
-    return [l.strip() for l in lines if l.strip() and not l.startswith("#")]
+    from qmd_unsloth.eval import read_queries
+
+    return [q for _, q in read_queries(DEFAULT_DATA_DIR / "eval_queries.txt")]
 
 
 def test_every_file_validates():
