@@ -16,12 +16,13 @@ from typing import Literal
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, CliSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings import YamlConfigSettingsSource
+from .cli import UsageError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A bad config file, environment variable or flag (one line, names the key)."""
 
 

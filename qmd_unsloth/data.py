@@ -15,13 +15,13 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .atomic import atomic_write_text
+from .cli import UserError, command
 from .prompt import KINDS_ORDER
 from .reward import STOPWORDS, _stem, tokens
 
@@ -30,7 +30,7 @@ SPLIT_SEED = 42
 VAL_FRACTION = 0.05
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad training data; ``errors`` holds one ``PATH:LINE: reason`` string per problem."""
 
     def __init__(self, errors: list[str]):
@@ -189,39 +189,6 @@ def data_hash(paths: Iterable[str | os.PathLike] | None = None) -> str:
     return h.hexdigest()
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes to a temporary file beside ``path`` and renames it: a killed write leaves nothing half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextmanager
-def atomic_folder(path: str | os.PathLike):
-    """Yields a temporary folder beside ``path``; on success it replaces ``path``, on any error it is removed."""
-    import shutil
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o755)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def prepared_rows(examples: list[Example], chat_template: str | None = None) -> list[dict]:
     """Rows in the prompt/completion form TRL's trainers take, plus the query (the GRPO reward reads it)."""
     from .prompt import ExampleRenderer, format_target, qwen3_chat_template
@@ -299,6 +266,7 @@ def _print_stats(st: dict, examples: list[Example], show_bad: int) -> None:
         print(f"  {s.score:.2f} {s.rating:<10} {ex.query!r}: " + "; ".join(s.reasons))
 
 
+@command("data")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m qmd_unsloth.data", description="Training data tools.")
     sub = ap.add_subparsers(dest="cmd", required=True)

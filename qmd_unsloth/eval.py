@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from .cli import UserError, command
 from .config import EvalConfig
 
 # QMD's grammar: one or more "(lex|vec|hyde): text" lines.
@@ -28,7 +29,7 @@ text ::= [^\n]+
 '''
 
 
-class EvalError(RuntimeError):
+class EvalError(UserError, RuntimeError):
     """A user-facing eval problem (one line)."""
 
 
@@ -176,7 +177,7 @@ def chart(reports: list[dict], out: Path) -> None:
 
 
 def run(cfg: EvalConfig) -> list[dict]:
-    from .data import atomic_write_text
+    from .atomic import atomic_write_text
 
     if not cfg.model:
         raise EvalError("--model is required (a .gguf file or a HF model folder)")
@@ -194,6 +195,7 @@ def run(cfg: EvalConfig) -> list[dict]:
     return reports
 
 
+@command("eval")
 def main(argv: list[str] | None = None) -> int:
     from .config import parse_stage_args
     from .model import ModelLoadError

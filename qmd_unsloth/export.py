@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from .cli import UserError, command
 from .config import ExportConfig
 from .llamacpp import FILE_TYPE_NAMES, ToolsMissing
 
@@ -44,7 +45,7 @@ PARAMETER stop <|im_end|>
 '''
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """A user-facing export problem (one line)."""
 
 
@@ -192,6 +193,7 @@ def _unsloth_gguf(src: Path, workdir: Path, quant: str, tools: Path, allow_insta
     shutil.move(str(made[0]), staged)
 
 
+@command("export")
 def main(argv: list[str] | None = None) -> int:
     from .config import parse_stage_args
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from importlib.util import find_spec
 from pathlib import Path
 
+from .cli import command
 from .config import GRPOConfig
 
 
@@ -82,6 +83,7 @@ def run(cfg: GRPOConfig, resume: bool = False) -> Path:
     return train_stage("grpo", cfg, resume, build, ("reward", "kl"), "reward.png", cfg.sft_model)
 
 
+@command("grpo")
 def main(argv: list[str] | None = None) -> int:
     from .runs import stage_main
 

@@ -14,11 +14,12 @@ import json
 import re
 import sys
 from pathlib import Path
+from .cli import UserError, command
 
 SCORE_MARK = re.compile(r"<!-- qmd_unsloth:eval_mean_score=([0-9.]+) -->")
 
 
-class HubError(RuntimeError):
+class HubError(UserError, RuntimeError):
     """A user-facing hub problem (one line)."""
 
 
@@ -127,6 +128,7 @@ def push(run: Path, repo: str, what: str = "gguf", eval_path: str | None = None,
     return {"repo": repo, "what": what, "folder": str(folder), "previous_score": old, "score": new}
 
 
+@command("hub")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m qmd_unsloth.hub", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)

@@ -18,7 +18,8 @@ import sys
 import tarfile
 from pathlib import Path
 
-from .data import atomic_folder
+from .cli import UserError, command
+from .atomic import atomic_folder
 
 LLAMA_CPP_PYTHON = "0.3.36"
 DEFAULT_DIR = Path(os.environ.get("QMD_UNSLOTH_CACHE", Path.home() / ".cache" / "qmd_unsloth")) / "llama.cpp"
@@ -41,7 +42,7 @@ sys.exit(0 if rc == 0 else f"llama_model_quantize failed with code {{rc}}")
 '''
 
 
-class ToolsMissing(RuntimeError):
+class ToolsMissing(UserError, RuntimeError):
     """The llama.cpp tools folder or llama-cpp-python is missing (one line, names what and how to fix)."""
 
 
@@ -165,6 +166,7 @@ def generate_capped(llm, prompt: str, max_tokens: int, **sampling) -> tuple[str,
     return llm.detokenize(out, special=True).decode("utf-8", errors="replace"), len(out)
 
 
+@command("llamacpp")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_convert"]:

@@ -10,12 +10,14 @@ import os
 from importlib.util import find_spec
 from pathlib import Path
 
+from .cli import UserError
+
 # Unsloth reads these at import time: never let it apt-get, git clone or download llama.cpp on its own.
 os.environ.setdefault("UNSLOTH_LLAMA_CPP_OFFLINE", "1")
 os.environ.setdefault("UNSLOTH_AUTO_INSTALL", "0")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A model that cannot be loaded (one line, says why and what to do)."""
 
 
@@ -191,7 +193,7 @@ def save_merged(model, tokenizer, out: str | os.PathLike, backend: str, base_nam
     """Writes the LoRA merged into 16-bit weights to ``out`` (a temporary folder renamed when complete)."""
     import shutil
 
-    from .data import atomic_folder
+    from .atomic import atomic_folder
 
     out = Path(out)
     with atomic_folder(out) as tmp:

@@ -29,6 +29,7 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from .cli import command
 from .prompt import LINE_RE as _LINE
 from .prompt import strip_completion
 
@@ -401,6 +402,7 @@ def _summarise(scores: list[Score]) -> str:
     return f"{n} rows, mean score {mean:.3f}; {parts}"
 
 
+@command("reward")
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import json

@@ -18,7 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .config import StageConfig, dump
-from .data import atomic_write_text
+from .atomic import atomic_write_text
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "unsloth", "unsloth_zoo",
              "bitsandbytes", "vllm", "huggingface_hub", "pydantic-settings")

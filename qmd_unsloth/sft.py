@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .cli import command
 from .config import SFTConfig
 
 
@@ -70,6 +71,7 @@ def run(cfg: SFTConfig, resume: bool = False) -> Path:
     return train_stage("sft", cfg, resume, build, ("loss", "eval_loss"), "loss.png", cfg.base_model, evaluate=True)
 
 
+@command("sft")
 def main(argv: list[str] | None = None) -> int:
     from .runs import stage_main
 

@@ -12,10 +12,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from .cli import command
 
 SMOKE_QUERIES = ["auth config", "docker volumes", "kubernetes pod restart loop", "lisbon tram 28"]
 
 
+@command("smoke")
 def main(argv: list[str] | None = None) -> int:
     from .eval import EvalError
     from .export import ExportError

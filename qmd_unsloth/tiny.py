@@ -14,7 +14,9 @@ import json
 import os
 from pathlib import Path
 
-from .data import DEFAULT_DATA_DIR, atomic_folder, atomic_write_text, data_files
+from .cli import command
+from .atomic import atomic_folder, atomic_write_text
+from .data import DEFAULT_DATA_DIR, data_files
 from .prompt import qwen3_chat_template
 
 TINY_VERSION = 1  # bump when the recipe changes: cached copies are rebuilt
@@ -103,6 +105,7 @@ def ensure(out: str | os.PathLike = DEFAULT_DIR) -> Path:
     return build(out)
 
 
+@command("tiny")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m qmd_unsloth.tiny", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(DEFAULT_DIR), help=f"output folder (default: {DEFAULT_DIR})")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from qmd_unsloth.bench import load_collection, rrf
+from qmd_unsloth.retrieval import load_collection, rrf
 from tests.conftest import REPO, run_module
 
 pytest.importorskip("bm25s")
