@@ -70,7 +70,15 @@ def load_expansions(path: Path) -> dict[str, list[tuple[str, str]]]:
 
 def retrieval(args) -> dict:
     col = load_collection(args.collection)
-    queries = dict(list(col.queries.items())[: args.limit] if args.limit else col.queries.items())
+    queries = dict(col.queries)
+    if args.queries:
+        from .eval import read_queries
+
+        keep = {" ".join(q.lower().split()) for _, q in read_queries(Path(args.queries))}
+        queries = {qid: t for qid, t in queries.items() if " ".join(t.lower().split()) in keep}
+        if not queries:
+            raise BenchError(f"{args.queries}: none of its queries is a judged query of {args.collection}")
+    queries = dict(list(queries.items())[: args.limit] if args.limit else queries.items())
     out = Path(args.out)
     exps = None
     if args.expansions:
@@ -105,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--expansions", help="expansions.jsonl from an earlier run (instead of --model)")
     r.add_argument("--out", default="runs/bench")
     r.add_argument("--limit", type=int, default=0, help="only the first N queries")
+    r.add_argument("--queries", help="only the collection's queries listed in this file (one a line; e.g. a held-out "
+                   "split)")
     r.add_argument("--max-new-tokens", type=int, default=160, help="cap on each generated expansion")
     args = ap.parse_args(argv)
     from .eval import EvalError

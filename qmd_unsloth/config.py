@@ -110,6 +110,25 @@ class GRPOConfig(TrainCommon):
     gradient_accumulation_steps: int = Field(1, gt=0)
     use_vllm: Literal["auto", "on", "off"] = Field("auto", description="fast generation through vLLM when installed")
     save_steps: int = Field(50, gt=0)
+    # Prompts and rewards.  The rule reward (qmd_unsloth.reward) always runs; the retrieval reward
+    # (qmd_unsloth.retrieval_reward) joins it when retrieval_weight > 0.  TRL sums them with these weights.
+    prompts: Path | None = Field(None, description="queries file (one a line, # comments) used as prompts "
+                                 "instead of the data's queries")
+    rules_weight: float = Field(1.0, ge=0, description="weight of the rule reward")
+    retrieval_weight: float = Field(0.0, ge=0, description="weight of the retrieval reward (0: off)")
+    retrieval_collection: Path | None = Field(None, description="collection for the retrieval reward (TREC XML, "
+                                              "BEIR folder)")
+    retrieval_qrels: Path | None = Field(None, description="judgments file when the collection has none of its own")
+    retrieval_mode: Literal["hybrid", "bm25", "dense"] = Field(
+        "hybrid", description="hybrid (BM25 + MiniLM, as bench retrieval), or bm25 only (fast)")
+
+    @model_validator(mode="after")
+    def _retrieval_needs_a_collection(self):
+        if self.retrieval_weight > 0 and self.retrieval_collection is None:
+            raise ValueError("retrieval_weight: > 0 needs retrieval_collection (a TREC, BEIR or notes collection)")
+        if self.rules_weight == 0 and self.retrieval_weight == 0:
+            raise ValueError("rules_weight: at least one of rules_weight and retrieval_weight must be > 0")
+        return self
 
     @model_validator(mode="after")
     def _batch_divisible(self):

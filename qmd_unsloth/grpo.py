@@ -8,6 +8,7 @@ Generation goes through vLLM (Unsloth ``fast_inference``) when vLLM is installed
 
 from __future__ import annotations
 
+import json
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -27,20 +28,44 @@ def use_vllm(cfg: GRPOConfig, backend: str) -> bool:
 
 
 def prompt_dataset(cfg: GRPOConfig, tokenizer, run: Path):
-    """Training queries rendered with the model's template: columns ``prompt`` (text) and ``query``."""
-    from datasets import load_dataset
+    """Training queries rendered with the model's template: columns ``prompt`` (text) and ``query``.
+
+    From ``cfg.prompts`` (a queries file) when given, else the training split of ``cfg.data``."""
+    from datasets import Dataset, load_dataset
 
     from .data import prepare
 
+    if cfg.prompts is not None:
+        from .atomic import atomic_write_text
+        from .eval import read_queries
+        from .prompt import render_prompt
+
+        rows = [{"prompt": render_prompt(q, tokenizer), "query": q} for _, q in read_queries(cfg.prompts)]
+        atomic_write_text(run / "data" / "prompts.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                                  for r in rows))
+        return Dataset.from_list(rows)
     prepare(run / "data", cfg.data, cfg.seed, cfg.val_fraction, chat_template=tokenizer.chat_template)
     ds = load_dataset("json", data_files={"train": str(run / "data" / "train.jsonl")})["train"]
     return ds.remove_columns([c for c in ds.column_names if c not in ("prompt", "query")])
 
 
-def build_trainer(cfg: GRPOConfig, run: Path):
-    from .model import add_lora, choose_backend, load_base
+def reward_functions(cfg: GRPOConfig) -> tuple[list, list[float]]:
+    """The reward functions and their weights: the rule reward, plus the retrieval reward when it is on."""
     from .reward import grpo_reward
 
+    funcs, weights = [grpo_reward], [cfg.rules_weight]
+    if cfg.retrieval_weight > 0:
+        from .retrieval_reward import RetrievalReward
+
+        funcs.append(RetrievalReward(cfg.retrieval_collection, cfg.retrieval_qrels, mode=cfg.retrieval_mode))
+        weights.append(cfg.retrieval_weight)
+    return funcs, weights
+
+
+def build_trainer(cfg: GRPOConfig, run: Path):
+    from .model import add_lora, choose_backend, load_base
+
+    funcs, weights = reward_functions(cfg)  # first: a bad collection fails before the model loads
     backend = choose_backend(cfg.backend, cfg.use_cpu)
     fast = use_vllm(cfg, backend)
     if fast:
@@ -66,8 +91,9 @@ def build_trainer(cfg: GRPOConfig, run: Path):
         max_completion_length=cfg.max_completion_length,
         temperature=cfg.temperature,
         use_vllm=fast,
+        reward_weights=weights,
     )
-    trainer = GRPOTrainer(model=model, reward_funcs=[grpo_reward], args=args, train_dataset=train,
+    trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=train,
                           processing_class=tokenizer)
     return trainer, tokenizer, backend, len(train)
 
@@ -80,7 +106,7 @@ def run(cfg: GRPOConfig, resume: bool = False) -> Path:
         trainer, tokenizer, backend, n = build_trainer(cfg, run_path)
         return trainer, tokenizer, backend, {"prompts": n, "generations": cfg.num_generations}
 
-    return train_stage("grpo", cfg, resume, build, ("reward", "kl"), "reward.png", cfg.sft_model)
+    return train_stage("grpo", cfg, resume, build, ("reward", "reward_std", "kl"), "reward.png", cfg.sft_model)
 
 
 @command("grpo")

@@ -38,8 +38,29 @@ def _tag(block: str, name: str) -> str:
     return " ".join(m.group(1).split()) if m else ""
 
 
-def load_collection(path: str | Path) -> Collection:
-    path = Path(path)
+def load_collection(path: str | Path, qrels: str | Path | None = None) -> Collection:
+    """A collection folder (TREC XML or BEIR); ``qrels`` replaces its judgments with a TREC qrels file."""
+    col = _load_folder(Path(path))
+    if qrels is not None:
+        col = _with_trec_qrels(col, Path(qrels))
+    return col
+
+
+def _with_trec_qrels(col: Collection, path: Path) -> Collection:
+    if not path.is_file():
+        raise BenchError(f"{path}: qrels file not found")
+    judged: dict[str, dict[str, int]] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 4 or not parts[3].lstrip("-").isdigit():
+            raise BenchError(f"{path}:{n}: expected 'QUERY_ID 0 DOC_ID RELEVANCE'")
+        judged.setdefault(parts[0], {})[parts[2]] = int(parts[3])
+    return Collection(col.doc_ids, col.docs, {q: t for q, t in col.queries.items() if q in judged}, judged)
+
+
+def _load_folder(path: Path) -> Collection:
     if not path.is_dir():
         raise BenchError(f"{path}: collection folder not found")
     if (path / "corpus.jsonl").is_file():
@@ -85,7 +106,14 @@ def _load_beir(path: Path) -> Collection:
 
 
 class Retriever:
-    def __init__(self, col: Collection, embedder: str | None = None):
+    """BM25 (and, unless ``dense=False``, MiniLM) over a collection; indexes are built once per object.
+
+    Document embeddings are cached on disk (``cache_dir``, default ``$QMD_UNSLOTH_CACHE/embeddings``), keyed by a
+    hash of the documents and the embedding model, so later runs over the same collection skip encoding.
+    """
+
+    def __init__(self, col: Collection, embedder: str | None = None, dense: bool = True,
+                 cache_dir: str | Path | None = None):
         import bm25s
         import Stemmer
 
@@ -96,11 +124,51 @@ class Retriever:
         self.index.index(tokens, show_progress=False)
         inv = {i: w for w, i in tokens.vocab.items()}
         self.doc_terms = [{inv[i] for i in ids} for ids in tokens.ids]
-        from sentence_transformers import SentenceTransformer
+        self.has_dense = dense
+        self._raw: dict[str, tuple[list[int], list[int]]] = {}
+        if dense:
+            from sentence_transformers import SentenceTransformer
 
-        self.encoder = SentenceTransformer(embedder or minilm_path(), device="cpu")
-        self.doc_emb = self.encoder.encode(col.docs, batch_size=64, normalize_embeddings=True,
-                                           convert_to_numpy=True, show_progress_bar=True)
+            model = embedder or minilm_path()
+            self.encoder = SentenceTransformer(model, device="cpu")
+            self.doc_emb = self._doc_embeddings(model, cache_dir)
+
+    def _doc_embeddings(self, model: str, cache_dir):
+        import hashlib
+        import os
+
+        import numpy as np
+
+        from .atomic import atomic_path
+
+        h = hashlib.sha256(model.encode() + b"\0")
+        for d in self.col.docs:
+            h.update(d.encode("utf-8", "replace") + b"\0")
+        root = Path(cache_dir) if cache_dir else Path(os.environ.get(
+            "QMD_UNSLOTH_CACHE", Path.home() / ".cache" / "qmd_unsloth")) / "embeddings"
+        cached = root / f"{h.hexdigest()[:32]}.npy"
+        if cached.is_file():
+            try:
+                emb = np.load(cached)
+                if emb.shape[0] == len(self.col.docs):
+                    return emb
+            except (OSError, ValueError):
+                pass
+        emb = self.encoder.encode(self.col.docs, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
+                                  show_progress_bar=len(self.col.docs) > 256)
+        try:
+            with atomic_path(cached, suffix=".npy") as tmp:
+                np.save(tmp, emb)
+        except OSError:  # a read-only cache costs only the next run's encoding time
+            pass
+        return emb
+
+    def raw(self, text: str) -> tuple[list[int], list[int]]:
+        """(BM25 list, dense list) of the raw query, computed once per query text."""
+        got = self._raw.get(text)
+        if got is None:
+            got = self._raw[text] = (self.bm25(text), self.dense([text])[0] if self.has_dense else [])
+        return got
 
     def _terms(self, text: str) -> list[str]:
         import bm25s
@@ -125,11 +193,11 @@ class Retriever:
     def dense(self, texts: list[str]) -> list[list[int]]:
         import numpy as np
 
-        if not texts:
+        if not texts or not self.has_dense:
             return []
         q = self.encoder.encode(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
         sims = q @ self.doc_emb.T
-        return [list(np.argsort(-row)[:DEPTH]) for row in sims]
+        return [np.argsort(-row)[:DEPTH].tolist() for row in sims]
 
 
 def rrf(lists: list[tuple[list[int], float]]) -> list[int]:
@@ -140,19 +208,41 @@ def rrf(lists: list[tuple[list[int], float]]) -> list[int]:
     return sorted(scores, key=scores.get, reverse=True)[:DEPTH]
 
 
-def runs_for(ret: Retriever, text: str, exp: list[tuple[str, str]] | None) -> dict[str, list[int]]:
-    raw_bm25 = ret.bm25(text)
-    raw_dense = ret.dense([text])[0]
-    out = {"bm25": raw_bm25, "dense": raw_dense,
-           "hybrid": rrf([(raw_bm25, RAW_WEIGHT), (raw_dense, RAW_WEIGHT)])}
+def runs_for(ret: Retriever, text: str, exp: list[tuple[str, str]] | None,
+             which: tuple[str, ...] | None = None) -> dict[str, list[int]]:
+    """Ranked doc indices per run name for one query: ``bm25``, ``dense``, ``hybrid`` and, with expansions,
+    ``bm25+lex``, ``dense+vec/hyde``, ``hybrid+expansions`` (QMD: lex lines AND-ed in BM25, vec and hyde lines
+    embedded, RRF with the raw query's lists weighted 2.0).  ``which`` limits the expansion runs computed."""
+    raw_bm25, raw_dense = ret.raw(text)
+    out = {"bm25": raw_bm25}
+    if ret.has_dense:
+        out["dense"] = raw_dense
+        out["hybrid"] = rrf([(raw_bm25, RAW_WEIGHT), (raw_dense, RAW_WEIGHT)])
     if exp is not None:
+        want = set(which or ("bm25+lex", "dense+vec/hyde", "hybrid+expansions"))
+        if not ret.has_dense:
+            want &= {"bm25+lex"}
         lex = [ret.bm25(t, all_terms=True) for k, t in exp if k == "lex"]
-        dense_exp = ret.dense([t for k, t in exp if k in ("vec", "hyde")])
-        out["bm25+lex"] = rrf([(raw_bm25, RAW_WEIGHT)] + [(r, EXPANSION_WEIGHT) for r in lex])
-        out["dense+vec/hyde"] = rrf([(raw_dense, RAW_WEIGHT)] + [(r, EXPANSION_WEIGHT) for r in dense_exp])
-        out["hybrid+expansions"] = rrf([(raw_bm25, RAW_WEIGHT), (raw_dense, RAW_WEIGHT)]
-                                       + [(r, EXPANSION_WEIGHT) for r in lex + dense_exp])
+        dense_exp = ret.dense([t for k, t in exp if k in ("vec", "hyde")]) if want - {"bm25+lex"} else []
+        if "bm25+lex" in want:
+            out["bm25+lex"] = rrf([(raw_bm25, RAW_WEIGHT)] + [(r, EXPANSION_WEIGHT) for r in lex])
+        if "dense+vec/hyde" in want:
+            out["dense+vec/hyde"] = rrf([(raw_dense, RAW_WEIGHT)] + [(r, EXPANSION_WEIGHT) for r in dense_exp])
+        if "hybrid+expansions" in want:
+            out["hybrid+expansions"] = rrf([(raw_bm25, RAW_WEIGHT), (raw_dense, RAW_WEIGHT)]
+                                           + [(r, EXPANSION_WEIGHT) for r in lex + dense_exp])
     return out
+
+
+def ndcg_at(ranked_ids: list[str], judged: dict[str, int], k: int = 10) -> float:
+    """nDCG@k of one ranking (graded gains, log2 discount, as trec_eval/ir-measures compute it)."""
+    import math
+
+    ideal = sorted((r for r in judged.values() if r > 0), reverse=True)[:k]
+    if not ideal:
+        return 0.0
+    dcg = sum(judged.get(d, 0) / math.log2(i + 2) for i, d in enumerate(ranked_ids[:k]) if judged.get(d, 0) > 0)
+    return dcg / sum(r / math.log2(i + 2) for i, r in enumerate(ideal))
 
 
 def minilm_path() -> str:

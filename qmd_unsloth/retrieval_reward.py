@@ -1,0 +1,89 @@
+"""Retrieval reward: an expansion scores by how much it improves the ranking of the documents judged relevant.
+
+    reward = RetrievalReward("../shared/ir/cranfield", mode="hybrid")
+    reward.gain("pressure distribution on a wing", completion)   # nDCG@10(with expansion) - nDCG@10(raw query)
+
+The ranking is the one `bench retrieval` measures (qmd_unsloth.retrieval: BM25 with AND-ed lex lines, MiniLM dense
+on vec and hyde lines, weighted RRF), for the raw query alone and with the expansion's lines; the reward is the
+difference of their nDCG@10 on the query's judgments (real qrels, or pseudo-qrels such as the note a query was
+drawn from), in [-1, 1].  ``mode="bm25"`` uses BM25 and lex lines only (no embedder: much faster).  A query with no
+judgments gets ``None``, which TRL treats as "not scored by this function" when several rewards are combined.
+The index and the document embeddings are built once per object (embeddings cached on disk).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .cli import UserError
+
+MODES = {"hybrid": ("hybrid", "hybrid+expansions"), "bm25": ("bm25", "bm25+lex"),
+         "dense": ("dense", "dense+vec/hyde")}
+
+
+class RetrievalRewardError(UserError):
+    """A bad collection, qrels file or mode (one line)."""
+
+
+def _key(query: str) -> str:
+    return " ".join(str(query).lower().split())
+
+
+class RetrievalReward:
+    """Callable as a TRL reward function (``completions``, ``query`` keyword)."""
+
+    def __init__(self, collection: str | Path, qrels: str | Path | None = None, mode: str = "hybrid",
+                 k: int = 10, cache_dir: str | Path | None = None):
+        from .retrieval import BenchError, Retriever, load_collection
+
+        if mode not in MODES:
+            raise RetrievalRewardError(f"retrieval mode: {mode!r} is not one of {', '.join(MODES)}")
+        try:
+            col = load_collection(collection, qrels=qrels)
+        except BenchError as e:
+            raise RetrievalRewardError(str(e)) from None
+        if not col.qrels:
+            raise RetrievalRewardError(f"{qrels or collection}: no relevance judgments found")
+        self.mode, self.k = mode, k
+        self.raw_run, self.exp_run = MODES[mode]
+        self.retriever = Retriever(col, dense=mode != "bm25", cache_dir=cache_dir)
+        self.doc_ids = col.doc_ids
+        self.judged: dict[str, dict[str, int]] = {}
+        for qid, text in col.queries.items():
+            if col.qrels.get(qid):
+                self.judged.setdefault(_key(text), {}).update(col.qrels[qid])
+        self._raw_score: dict[str, float] = {}
+        self.__name__ = f"retrieval_{mode}_ndcg{k}_gain"
+
+    def has_judgments(self, query: str) -> bool:
+        return _key(query) in self.judged
+
+    def _ndcg(self, ranked: list[int], judged: dict[str, int]) -> float:
+        from .retrieval import ndcg_at
+
+        return ndcg_at([self.doc_ids[d] for d in ranked], judged, self.k)
+
+    def scores(self, query: str, completion: str) -> tuple[float, float] | None:
+        """(raw nDCG, expanded nDCG) for one completion, or None when the query has no judgments."""
+        from .prompt import parse_completion
+        from .retrieval import runs_for
+
+        judged = self.judged.get(_key(query))
+        if not judged:
+            return None
+        runs = runs_for(self.retriever, query, parse_completion(completion), which=(self.exp_run,))
+        raw = self._raw_score.get(query)
+        if raw is None:
+            raw = self._raw_score[query] = self._ndcg(runs[self.raw_run], judged)
+        return raw, self._ndcg(runs[self.exp_run], judged)
+
+    def gain(self, query: str, completion: str) -> float | None:
+        got = self.scores(query, completion)
+        return None if got is None else got[1] - got[0]
+
+    def __call__(self, completions: list, query: list[str] | None = None, **kwargs) -> list[float | None]:
+        from .reward import _completion_text
+
+        if query is None:
+            raise ValueError("the retrieval reward needs the dataset's 'query' column")
+        return [self.gain(q, _completion_text(c)) for q, c in zip(query, completions)]
