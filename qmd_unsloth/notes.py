@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -489,13 +488,6 @@ def extract(args) -> dict:
           f"({', '.join(f'{k} {v}' for k, v in summary['shapes'].items())}); "
           f"{summary['expanded']} with an expansion; wrote {args.out}")
     return summary
-
-
-def content_hash(row: dict) -> str:
-    """The identity of a candidate or data row (used by curate to make imports idempotent)."""
-    canon = {"query": " ".join(str(row.get("query", "")).split()), "output": row.get("output"),
-             "source": row.get("source")}
-    return hashlib.sha256(json.dumps(canon, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 @command("notes")
