@@ -99,23 +99,39 @@ def _warn(msg: str) -> None:
 # ----------------------------------------------------------------------------------------------------------- reading
 
 def walk_vault(vault: Path) -> Iterator[Path]:
-    """Note files under ``vault`` in sorted order: hidden folders, non-note files and symlink loops skipped."""
+    """Note files under ``vault`` in sorted order: hidden folders, non-note files and symlink loops skipped.
+
+    Links that point inside the vault are not followed (their target is read under its own path); links that
+    point outside are followed once each, so a loop or a folder linked twice is read once.
+    """
+    root_real = os.path.realpath(vault)
+
+    def inside(real: str) -> bool:
+        return real == root_real or real.startswith(root_real + os.sep)
+
     seen_dirs: set[str] = set()
     seen_files: set[str] = set()
     for root, dirs, files in os.walk(vault, followlinks=True):
         real = os.path.realpath(root)
-        if real in seen_dirs:  # a symlink loop or a folder linked twice: read once
+        if real in seen_dirs:  # a symlink loop outside the vault, or a folder linked twice
             _warn(f"{Path(root)}: folder already read through another path (symlink loop?); skipped")
             dirs[:] = []
             continue
         seen_dirs.add(real)
-        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
+        keep = []
+        for d in sorted(dirs):
+            if d in SKIP_DIRS or d.startswith("."):
+                continue
+            if os.path.islink(os.path.join(root, d)) and inside(os.path.realpath(os.path.join(root, d))):
+                continue  # read under its real path
+            keep.append(d)
+        dirs[:] = keep
         for name in sorted(files):
             if name.startswith(".") or not name.lower().endswith(NOTE_SUFFIXES):
                 continue
             path = Path(root) / name
             real_file = os.path.realpath(path)
-            if real_file in seen_files or not os.path.isfile(real_file):
+            if (path.is_symlink() and inside(real_file)) or real_file in seen_files or not os.path.isfile(real_file):
                 continue
             seen_files.add(real_file)
             yield path
