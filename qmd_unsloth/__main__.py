@@ -22,10 +22,11 @@ def describe(stage: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     print("qmd_unsloth stages (python -m qmd_unsloth.<stage> --help):")
+    width = max(len(s) for s in STAGES)
     for stage in STAGES:
         line = describe(stage)
         if line is not None:
-            print(f"  {stage:<8} {line}")
+            print(f"  {stage:<{width}} {line}")
     return 0
 
 

@@ -72,8 +72,11 @@ def _generate_of(data) -> str | None:
 
 def _without_generate(data):
     data = dict(data or {})
-    if isinstance(data.get("models"), dict):
-        data["models"] = {k: v for k, v in data["models"].items() if k != "generate"} or None
+    models = data.pop("models", None)
+    if isinstance(models, dict):
+        models = {k: v for k, v in models.items() if k != "generate"}
+    if models:
+        data["models"] = models
     return data
 
 
