@@ -8,7 +8,8 @@ from importlib.util import find_spec
 from pathlib import Path
 
 # Pipeline order.  Each is run as `python -m qmd_unsloth.<stage> --help`.
-STAGES = ("data", "notes", "curate", "reward", "sft", "grpo", "smoke", "export", "eval", "bench", "hub")
+STAGES = ("data", "generate", "notes", "curate", "reward", "sft", "grpo", "smoke", "export", "eval", "bench",
+          "hub", "serve", "qmd_install")
 
 
 def describe(stage: str) -> str | None:
@@ -22,10 +23,11 @@ def describe(stage: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     print("qmd_unsloth stages (python -m qmd_unsloth.<stage> --help):")
+    width = max(len(s) for s in STAGES)
     for stage in STAGES:
         line = describe(stage)
         if line is not None:
-            print(f"  {stage:<8} {line}")
+            print(f"  {stage:<{width}} {line}")
     return 0
 
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, CliSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings import YamlConfigSettingsSource
 from .cli import UsageError
@@ -150,6 +150,9 @@ class ExportConfig(StageConfig):
     name: str = Field("qmd-query-expansion", description="file names are <name>-<quant>.gguf")
     llama_cpp_dir: Path = Field(Path.home() / ".cache" / "qmd_unsloth" / "llama.cpp")
     allow_llama_cpp_install: bool = Field(False, description="let Unsloth install llama.cpp itself (needs network)")
+    reload: str | None = Field(None, description="after export, hot-swap the new GGUF into the server at this URL")
+    install_qmd: bool = Field(False, description="after export, install the GGUF into QMD (python -m "
+                              "qmd_unsloth.qmd_install)")
 
 
 class EvalConfig(StageConfig):
@@ -171,8 +174,22 @@ class EvalConfig(StageConfig):
     seed: int = 0
 
 
+class ServeConfig(StageConfig):
+    """The local model server (python -m qmd_unsloth.serve)."""
+
+    model_config = SettingsConfigDict(env_prefix="QMD_UNSLOTH_SERVE_")
+    model: Path | None = Field(None, description="the GGUF to serve")
+    host: str = Field("127.0.0.1", description="address to bind; anything but loopback needs a token")
+    port: int = Field(8765, ge=0, le=65535, description="0 picks a free port")
+    token: SecretStr | None = Field(None, description="bearer token for non-loopback clients (prefer the env "
+                                    "variable QMD_UNSLOTH_SERVE_TOKEN: flags show in ps)")
+    max_tokens: int = Field(600, gt=0, description="default token cap of /expand and chat completions (QMD: 600)")
+    n_ctx: int = Field(2048, gt=64, description="context size (QMD: 2048; capped at the model's own)")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+
 STAGES: dict[str, type[StageConfig]] = {"sft": SFTConfig, "grpo": GRPOConfig, "export": ExportConfig,
-                                        "eval": EvalConfig}
+                                        "eval": EvalConfig, "serve": ServeConfig}
 
 
 def _one_line(err: ValidationError, cls: type[StageConfig], yaml_path, cli_args) -> str:

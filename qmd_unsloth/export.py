@@ -1,6 +1,7 @@
 """Export: a Q4_K_M GGUF (plus optional other quants), verified by llama.cpp, with an Ollama Modelfile.
 
     python -m qmd_unsloth.export --model runs/grpo/latest --out runs/gguf [--quant q4_k_m] [--also q8_0]
+        [--install-qmd] [--reload http://127.0.0.1:8765]
 
 ``--model`` is a run folder (its ``merged/``), a merged model folder, or a LoRA adapter folder (merged onto its base
 first).  On the Unsloth path (CUDA + unsloth) the GGUF comes from Unsloth's ``save_pretrained_gguf``; otherwise from
@@ -18,14 +19,13 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 from .cli import UserError, command
 from .config import ExportConfig
-from .llamacpp import FILE_TYPE_NAMES, ToolsMissing
+from .gguf_check import SMOKE_QUERY, GGUFCheckError, read_gguf, verify_gguf  # noqa: F401 (re-exported)
+from .llamacpp import ToolsMissing
 
-SMOKE_QUERY = "auth config"
 MODELFILE = '''# Ollama: ollama create qmd-expand -f Modelfile
 # QMD's serving settings: no system prompt, temperature 0.7, top-k 20, top-p 0.8.  The prompt must be the full user
 # text QMD sends: "/no_think Expand this search query: <query>".
@@ -72,65 +72,13 @@ def merge_adapter(adapter: Path, out: Path) -> Path:
     return out
 
 
-def read_gguf(path: Path, tools: Path) -> dict:
-    """Header facts through llama.cpp's own gguf-py (from the tools folder)."""
-    if str(tools / "gguf-py") not in sys.path:
-        sys.path.insert(0, str(tools / "gguf-py"))
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    f = reader.fields
-
-    def get(key, default=None):
-        return f[key].contents() if key in f else default
-
-    tokens = get("tokenizer.ggml.tokens", [])
-    eos = get("tokenizer.ggml.eos_token_id")
-    n_params = sum(int(t.n_elements) for t in reader.tensors)
-    size = path.stat().st_size
-    return {"file_type": FILE_TYPE_NAMES.get(get("general.file_type"), str(get("general.file_type"))),
-            "architecture": get("general.architecture"),
-            "tensor_types": dict(Counter(t.tensor_type.name for t in reader.tensors)),
-            "eos_token": tokens[eos] if eos is not None and eos < len(tokens) else None,
-            "chat_template": get("tokenizer.chat_template"), "pre_tokenizer": get("tokenizer.ggml.pre"),
-            "parameters": n_params, "bytes": size, "bits_per_weight": round(size * 8 / max(n_params, 1), 2)}
-
-
-def generate(path: Path, prompt: str, max_tokens: int = 32, **sampling) -> tuple[str, int]:
-    """Loads a GGUF in llama.cpp and generates for a rendered prompt under a hard token cap."""
-    from llama_cpp import Llama
-
-    from .llamacpp import generate_capped
-
-    llm = Llama(model_path=str(path), n_ctx=512, verbose=False, seed=0)
-    try:
-        return generate_capped(llm, prompt, max_tokens, **sampling)
-    finally:
-        llm.close()
-
-
 def verify(path: Path, quant: str, tools: Path, tokenizer_template: str | None) -> dict:
-    """Checks an exported GGUF; raises ExportError with the first failed check."""
-    from .prompt import render_prompt
-
-    info = read_gguf(path, tools)
-    want = quant.upper()
-    if info["file_type"] != want:
-        raise ExportError(f"{path.name}: file type is {info['file_type']}, expected {want}")
-    if info["eos_token"] != "<|im_end|>":
-        raise ExportError(f"{path.name}: EOS token is {info['eos_token']!r}, expected '<|im_end|>'")
-    if not info["chat_template"]:
-        raise ExportError(f"{path.name}: no chat template embedded")
-    served = render_prompt(SMOKE_QUERY, info["chat_template"])
-    trained = render_prompt(SMOKE_QUERY, tokenizer_template)
-    if served != trained:
-        raise ExportError(f"{path.name}: the embedded chat template renders a different prompt than training")
-    t0 = time.perf_counter()
-    text, n = generate(path, trained, max_tokens=32, temp=0.0)
-    info.update(prompt_matches_training=True, smoke_generation={"tokens": n, "seconds": round(time.perf_counter() - t0, 2),
-                                                                "text": text[:200]})
-    info.pop("chat_template")
-    return info
+    """Checks an exported GGUF with the shared checks (qmd_unsloth.gguf_check); raises ExportError with the first
+    failed check."""
+    try:
+        return verify_gguf(path, quant, tokenizer_template, tools)
+    except GGUFCheckError as e:
+        raise ExportError(str(e).replace(str(path), path.name, 1)) from None
 
 
 def export(cfg: ExportConfig) -> dict:
@@ -201,11 +149,25 @@ def main(argv: list[str] | None = None) -> int:
     from .model import ModelLoadError
 
     try:
-        export(cfg)
+        report = export(cfg)
     except (ExportError, ToolsMissing, ModelLoadError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    _after_export(cfg, Path(cfg.out) / next(iter(report["files"])))
     return 0
+
+
+def _after_export(cfg: ExportConfig, gguf: Path) -> None:
+    """--install-qmd and --reload URL, on the verified main GGUF."""
+    if cfg.install_qmd:
+        from .qmd_install import describe, install
+
+        print(describe(install(gguf)))
+    if cfg.reload:
+        from .serve import reload_model
+
+        out = reload_model(cfg.reload, gguf)
+        print(f"export: {cfg.reload} now serves {out['model']} (was {out['previous']})")
 
 
 if __name__ == "__main__":

@@ -67,6 +67,11 @@ def render_prompt(query: str, tokenizer=None) -> str:
     return _render(messages(query), _template_of(tokenizer), add_generation_prompt=True)
 
 
+def render_chat(chat: list[dict], tokenizer=None) -> str:
+    """Any chat (an OpenAI request's messages) rendered for generation the same way: thinking disabled."""
+    return _render(chat, _template_of(tokenizer), add_generation_prompt=True)
+
+
 def render_example(query: str, pairs: list[tuple[str, str]], tokenizer=None) -> dict[str, str]:
     """A prompt/completion pair for SFT: ``prompt + completion`` is the rendered conversation.
 
