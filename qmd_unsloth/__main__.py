@@ -8,7 +8,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 # Pipeline order.  Each is run as `python -m qmd_unsloth.<stage> --help`.
-STAGES = ("data", "reward", "sft", "grpo", "smoke", "export", "eval", "bench", "hub")
+STAGES = ("data", "generate", "reward", "sft", "grpo", "smoke", "export", "eval", "bench", "hub")
 
 
 def describe(stage: str) -> str | None:

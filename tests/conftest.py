@@ -26,3 +26,20 @@ def tiny_model():
     from qmd_unsloth.tiny import ensure
 
     return ensure()
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_model, tmp_path_factory):
+    """The tiny model's Q4_K_M GGUF as the smoke run exports it (once per session; eval and generate tests share it)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: bash scripts/install_llama_cpp.sh")
+    from qmd_unsloth import config as C
+    from qmd_unsloth.export import export
+    from qmd_unsloth.llamacpp import DEFAULT_DIR, ToolsMissing, check
+
+    try:
+        check(DEFAULT_DIR)
+    except ToolsMissing as e:
+        pytest.skip(str(e))
+    out = tmp_path_factory.mktemp("gguf")
+    export(C.load(C.ExportConfig, None, model=tiny_model, out=out))
+    return out / "qmd-query-expansion-q4_k_m.gguf"

@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-from qmd_unsloth import config as C
 from qmd_unsloth.eval import GBNF, read_queries
 from tests.conftest import REPO, run_module
 
@@ -19,21 +18,6 @@ def test_grammar_admits_only_prefixed_lines():
     llama_cpp = pytest.importorskip("llama_cpp")
     llama_cpp.LlamaGrammar.from_string(GBNF, verbose=False)  # parses
     assert '"lex" | "vec" | "hyde"' in GBNF
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tiny_model, tmp_path_factory):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: bash scripts/install_llama_cpp.sh")
-    from qmd_unsloth.export import export
-    from qmd_unsloth.llamacpp import DEFAULT_DIR, ToolsMissing, check
-
-    try:
-        check(DEFAULT_DIR)
-    except ToolsMissing as e:
-        pytest.skip(str(e))
-    out = tmp_path_factory.mktemp("gguf")
-    export(C.load(C.ExportConfig, None, model=tiny_model, out=out))
-    return out / "qmd-query-expansion-q4_k_m.gguf"
 
 
 @pytest.fixture
