@@ -414,21 +414,21 @@ def run(cfg: GenerateConfig) -> tuple[dict, bool]:
     state = read_state(out)
     if torn:
         print(f"generate: {out}: dropped a torn last line ({torn} bytes) left by an interrupted run", file=sys.stderr)
-    target = cfg.count if cfg.count is not None else len(done) + len(supplied)
-
     teacher = Teacher(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env, concurrency=cfg.concurrency,
                       max_requests=cfg.max_requests, timeout=cfg.timeout, max_retries=cfg.max_retries,
                       max_tokens=cfg.max_tokens)
     output = None
     gen = Generator(cfg, teacher, out, done, state)
-    gen.generating = cfg.count is not None and (cfg.queries is None or cfg.count > len(done) + len(supplied))
+    for cat, q in supplied:  # those already done, rejected before, duplicated or held out are skipped here
+        gen.offer(q, None if cat == "(none)" else cat)
+    # --count: rows wanted in all (new queries top up); without it, one row per supplied query still to do
+    target = cfg.count if cfg.count is not None else gen.have + len(gen.pending)
+    gen.generating = cfg.count is not None
     interrupted = False
     try:
         if gen.have < target:
             teacher.check()
         output = Output(out, torn, add_newline)
-        for cat, q in supplied:
-            gen.offer(q, None if cat == "(none)" else cat)
         with tqdm(total=target, initial=min(gen.have, target), unit="row", desc="generate", dynamic_ncols=True,
                   mininterval=0.5) as bar:
             try:
