@@ -135,6 +135,7 @@ class Seen:
         self.near: set[str] = set()
         self.eval_exact: set[str] = set()
         self.eval_near: set[str] = set()
+        self.done: set[str] = set()  # queries already in --out
         self.rejected: dict[str, str] = {}
 
     def add(self, query: str) -> None:
@@ -148,6 +149,8 @@ class Seen:
             return "no words"
         if norm in self.eval_exact or near_duplicate_key(query) in self.eval_near:
             return "held-out eval query"
+        if norm in self.done:
+            return "already in --out"
         if norm in self.rejected:
             return "rejected in an earlier run"
         if norm in self.exact or near_duplicate_key(query) in self.near:
@@ -170,6 +173,7 @@ def load_seen(cfg: GenerateConfig, out: Path, done: list[dict]) -> tuple[Seen, d
                 by_cat.setdefault(ex.category or path.stem, []).append(ex.query)
     for row in done:
         seen.add(row["query"])
+        seen.done.add(normalise_query(row["query"]))
         by_cat.setdefault(row.get("category") or "", []).append(row["query"])
     for _, q in read_queries(cfg.eval_queries):
         seen.eval_exact.add(normalise_query(q))

@@ -5,33 +5,26 @@ hosted teacher: good answers, 429, 500, malformed JSON, bodies cut short, hangs 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections import Counter, defaultdict
-from itertools import combinations
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import combinations
 from pathlib import Path
 
 import pytest
 
 from qmd_unsloth import reward
 from qmd_unsloth.data import near_duplicate_key, normalise_query, validate
+from qmd_unsloth.llamacpp import free_port
 from qmd_unsloth.teacher_prompts import (EXAMPLE, LINE_LIMITS, TOPICS, VEC_MIN_WORDS, expansion_rubric,
                                          parse_expansion, parse_queries, read_topics)
 from tests.conftest import REPO, run_module
 
 FAKE_KEY = "sk-test-9f8e7d6c5b4a-never-print-me"
 KEY_ENV = "QMD_TEST_TEACHER_KEY"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def good_expansion(q: str) -> str:
@@ -229,30 +222,11 @@ def test_topics_file_errors_name_the_line(tmp_path):
 @pytest.fixture(scope="module")
 def llama_server(tiny_gguf, tmp_path_factory):
     pytest.importorskip("uvicorn", reason="llama-cpp-python's server extra: pip install -e '.[serve]'")
-    port = free_port()
+    from qmd_unsloth.llamacpp import openai_server
+
     log = tmp_path_factory.mktemp("llama-server") / "server.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(tiny_gguf), "--model_alias",
-                                 "tiny", "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024",
-                                 "--n_threads", "1"], stdout=fh, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(f"{url}/models", timeout=1).read()
-            break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(f"llama_cpp.server exited: {log.read_text()[-2000:]}")
-            time.sleep(0.25)
-    else:
-        proc.kill()
-        pytest.fail("llama_cpp.server did not start in 60 s")
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with openai_server(tiny_gguf, alias="tiny", n_ctx=1024, n_threads=1, log=log) as url:
+        yield url
 
 
 def test_generate_against_llama_cpp_server(llama_server, tmp_path):
