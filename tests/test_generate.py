@@ -317,7 +317,7 @@ def test_resume_after_sigkill_and_sigint(scripted, tmp_path):
     script = Script(delay=0.15, per_request=6)
     url = scripted(script)
     out = tmp_path / "gen.jsonl"
-    cmd = [sys.executable, "-m", "qmd_unsloth.generate", "--base-url", url, "--model", "scripted", "--count", "14",
+    cmd = [sys.executable, "-m", "qmd_unsloth.generate", "--base-url", url, "--model", "scripted", "--count", "24",
            "--out", str(out), "--concurrency", "2", "--api-key-env", KEY_ENV]
     env = {**os.environ, "PYTHONPATH": str(REPO), KEY_ENV: FAKE_KEY}
 
@@ -345,10 +345,10 @@ def test_resume_after_sigkill_and_sigint(scripted, tmp_path):
     assert f"dropped a torn last line ({len(torn)} bytes)" in stderr and "Traceback" not in stderr
     assert "generate:" in stdout and "stopped: interrupted (Ctrl-C)" in stdout
     assert validate([out])[0] == []  # Ctrl-C leaves a valid file
-    r = generate("--base-url", url, "--model", "scripted", "--count", "14", "--out", str(out))
+    r = generate("--base-url", url, "--model", "scripted", "--count", "24", "--out", str(out))
     assert r.returncode == 0, r.stderr
     got = rows(out)
-    assert len(got) == 14 and len({x["query"] for x in got}) == 14
+    assert len(got) == 24 and len({x["query"] for x in got}) == 24
     assert_key_absent(r, out, tmp_path / "gen.jsonl.state.json")
 
 
