@@ -188,8 +188,36 @@ class ServeConfig(StageConfig):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
 
+class GenerateConfig(StageConfig):
+    """Training rows from a teacher model behind an OpenAI-compatible endpoint (the key is never a config key)."""
+
+    model_config = SettingsConfigDict(env_prefix="QMD_UNSLOTH_GENERATE_")
+    base_url: str | None = Field(None, description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1")
+    model: str | None = Field(None, description="the teacher model's name at that endpoint")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key (if any)")
+    count: int | None = Field(None, gt=0, description="rows wanted in --out in all (default: one per --queries query)")
+    out: Path = Field(Path("runs/generate/generated.jsonl"), description="JSONL rows, appended; a re-run resumes")
+    queries: Path | None = Field(None, description="queries to expand first (one a line, '# category: NAME' groups)")
+    topics: Path | None = Field(None, description="topics for new queries, 'name: description' a line (default: "
+                                                  "the categories of data/README.md)")
+    min_score: float = Field(0.8, ge=0, le=1, description="keep rows the reward scores at least this high")
+    concurrency: int = Field(4, gt=0, description="requests in flight at once")
+    max_requests: int | None = Field(None, gt=0, description="stop after this many requests (default: no limit)")
+    timeout: float = Field(60.0, gt=0, description="seconds per request")
+    max_retries: int = Field(3, ge=0, description="retries of a failed request (429, 5xx, timeouts, bad bodies)")
+    temperature: float = Field(0.7, ge=0, description="sampling temperature of expansions")
+    query_temperature: float = Field(1.0, ge=0, description="sampling temperature of query generation")
+    max_tokens: int = Field(400, gt=0, description="token cap per answer")
+    queries_per_request: int = Field(8, gt=0, description="new queries asked for in one request")
+    max_failures_in_a_row: int = Field(20, gt=0, description="stop when this many requests fail in a row")
+    data: Path = Field(REPO_ROOT / "data", description="existing rows (*.jsonl) that new queries must not duplicate")
+    eval_queries: Path = Field(REPO_ROOT / "data" / "eval_queries.txt",
+                               description="held-out queries: no near-duplicate of them is generated")
+    seed: int = 0
+
+
 STAGES: dict[str, type[StageConfig]] = {"sft": SFTConfig, "grpo": GRPOConfig, "export": ExportConfig,
-                                        "eval": EvalConfig, "serve": ServeConfig}
+                                        "eval": EvalConfig, "serve": ServeConfig, "generate": GenerateConfig}
 
 
 def _one_line(err: ValidationError, cls: type[StageConfig], yaml_path, cli_args) -> str:

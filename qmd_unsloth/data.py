@@ -87,6 +87,11 @@ def _check_row(row) -> Example:
     return Example(" ".join(query.split()), tuple(pairs), row.get("category"), row.get("intent"))
 
 
+def check_row(row) -> Example:
+    """Validates one decoded JSON row (the schema every row file follows); raises ValueError naming the field."""
+    return _check_row(row)
+
+
 def read_examples(path: str | os.PathLike) -> Iterator[tuple[int, Example | None, str | None]]:
     """Yields (line number, example, None) or (line number, None, error) for every non-blank line of a JSONL file."""
     path = Path(path)

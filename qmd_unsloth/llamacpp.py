@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from .cli import UserError, command
@@ -164,6 +165,54 @@ def generate_capped(llm, prompt: str, max_tokens: int, **sampling) -> tuple[str,
             break
         out.append(tok)
     return llm.detokenize(out, special=True).decode("utf-8", errors="replace"), len(out)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def openai_server(gguf: str | os.PathLike, *, alias: str = "local", port: int | None = None, n_ctx: int = 2048,
+                  n_threads: int | None = None, log: str | os.PathLike | None = None, start_timeout: float = 120):
+    """llama-cpp-python's OpenAI-compatible server (``python -m llama_cpp.server``, its ``server`` extra) serving
+    ``gguf`` on 127.0.0.1 (a free port unless given); yields its base URL (``http://127.0.0.1:PORT/v1``) once
+    ``/v1/models`` answers, and stops it afterwards."""
+    import time
+    import urllib.request
+
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", alias,
+           "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx)]
+    if n_threads:
+        cmd += ["--n_threads", str(n_threads)]
+    with open(log or os.devnull, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + start_timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/models", timeout=1).read()
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise UserError(f"llama_cpp.server exited with status {proc.returncode} while loading {gguf}"
+                                    + (f"; see {log}" if log else "")) from None
+                if time.monotonic() > deadline:
+                    raise UserError(f"llama_cpp.server did not answer on {url} within {start_timeout:g} s") from None
+                time.sleep(0.25)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @command("llamacpp")
