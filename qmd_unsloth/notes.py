@@ -392,50 +392,31 @@ def check_endpoint(base_url: str, allow_remote: bool) -> None:
                          "use a local endpoint or pass --allow-remote to send note text there")
 
 
-# MERGE: switch to qmd_unsloth.teacher (issue 13) when it lands; this is the only place notes talks to an endpoint.
-def teacher_chat(base_url: str, model: str, prompt: str, *, allow_remote: bool, seed: int, max_tokens: int = 400,
-                 temperature: float = 0.7) -> str:
-    """One chat completion from an OpenAI-compatible endpoint (local only unless allow_remote)."""
+_TEACHERS: dict = {}
+
+
+def teacher_chat(base_url: str, model: str, messages: list[dict], *, allow_remote: bool, seed: int,
+                 max_tokens: int = 400, temperature: float = 0.7) -> str:
+    """One chat completion through qmd_unsloth.teacher (retries, timeouts, the key from the environment); only a
+    loopback endpoint unless allow_remote, because notes are private."""
+    from .teacher import Teacher, TeacherError
+
     check_endpoint(base_url, allow_remote)
-    import openai
-
-    client = openai.OpenAI(base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY") or "local", max_retries=2,
-                           timeout=120)
+    teacher = _TEACHERS.get((base_url, model))
+    if teacher is None:
+        teacher = _TEACHERS[(base_url, model)] = Teacher(base_url, model, concurrency=1, timeout=120,
+                                                         max_tokens=max_tokens, temperature=temperature)
     try:
-        resp = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                              max_tokens=max_tokens, temperature=temperature, seed=seed)
-    except openai.APIConnectionError as e:
-        raise NotesError(f"--teacher-url {base_url}: cannot connect ({e.__cause__ or e}); is the server running?") from e
-    except openai.APIStatusError as e:
-        raise NotesError(f"--teacher-url {base_url}: the endpoint answered {e.status_code}: "
-                         f"{str(e.message).splitlines()[0][:200]}") from e
-    return resp.choices[0].message.content or ""
-
-
-TEACHER_QUERIES = """You help build search training data from a private note. Write {n} different search queries a
-person would type to find this note again, one per line, each as SHAPE: query, with SHAPE one of {shapes}.
-Mix short keyword queries, names, a question such as "what did we decide about X" and one with a typo.
-Reply with the lines only.
-
-Note path: {path}
-Title: {title}
-Tags: {tags}
-
-{excerpt}
-"""
-
-TEACHER_EXPANSION = """Expand this search query for a hybrid search engine over personal notes. Reply with lines only:
-one "hyde: " line (a one-sentence passage that would answer it), 1 to 3 "lex: " lines (2-5 keywords each, keep every
-name and key term of the query), and 1 to 3 "vec: " lines (natural-language rephrasings). No other text.
-
-Query: {query}
-"""
+        return teacher.chat(messages, temperature=temperature, max_tokens=max_tokens, seed=seed).text
+    except TeacherError as e:
+        raise NotesError(f"--teacher-url {base_url}: {e}") from None
 
 
 def teacher_candidates(note: Note, ask: Callable[[str], str], per_note: int) -> list[dict]:
-    excerpt = note.prose.strip()[:2000]
-    reply = ask(TEACHER_QUERIES.format(n=per_note, shapes=", ".join(SHAPES), path=note.path, title=note.title,
-                                       tags=", ".join(note.tags) or "-", excerpt=excerpt))
+    from .teacher_prompts import note_query_messages
+
+    reply = ask(note_query_messages(note.path, note.title, note.tags, note.prose.strip()[:2000], per_note,
+                                    tuple(SHAPES)))
     rows, seen = [], set()
     for line in reply.splitlines():
         m = re.match(r"^\s*(?:[-*\d.)\s]*)?(\w+)\s*:\s*(.+?)\s*$", line)
@@ -453,9 +434,11 @@ def make_expander(spec: str, args) -> Callable[[str], list[tuple[str, str]]]:
     from .prompt import parse_completion
 
     if spec == "teacher":
+        from .teacher_prompts import expansion_messages, parse_expansion
+
         def expand(query: str) -> list[tuple[str, str]]:
-            return parse_completion(teacher_chat(args.teacher_url, args.teacher_model, TEACHER_EXPANSION.format(
-                query=query), allow_remote=args.allow_remote, seed=args.seed))
+            return parse_expansion(teacher_chat(args.teacher_url, args.teacher_model, expansion_messages(query),
+                                                allow_remote=args.allow_remote, seed=args.seed))
         return expand
     path = Path(spec)
     if path.suffix != ".gguf":

@@ -115,6 +115,16 @@ def query_messages(topic: str, description: str, shape: str, n: int, avoid: list
 # -- the expansion rubric, from the reward's own rules ---------------------------------------------------------------
 # Line-count limits the reward enforces with literals (at most 3 lex, 3 vec, 1 hyde lines; hyde first; vec lines of
 # 3+ words): kept here with a test that scores completions at and past each limit, so a change in the reward fails it.
+def note_query_messages(path: str, title: str, tags, excerpt: str, n: int, shapes: tuple[str, ...]) -> list[dict]:
+    """The chat asking for search queries that should find one private note (``notes extract --mode teacher``)."""
+    return [{"role": "user", "content": (
+        f"You help build search training data from a private note. Write {n} different search queries a person "
+        "would type to find this note again, one per line, each as SHAPE: query, with SHAPE one of "
+        f"{', '.join(shapes)}. Mix short keyword queries, names, a question such as \"what did we decide about "
+        "X\" and one with a typo. Reply with the lines only.\n\n"
+        f"Note path: {path}\nTitle: {title}\nTags: {', '.join(tags) or '-'}\n\n{excerpt}\n")}]
+
+
 LINE_LIMITS = {"lex": 3, "vec": 3, "hyde": 1}
 VEC_MIN_WORDS = 3
 # The worked example in the prompt; a test proves the reward gives it full marks.

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_generate import scripted  # noqa: F401  (the scripted teacher server fixture)
+
 from qmd_unsloth.notes import SHAPES, read_vault
 from tests.conftest import REPO, run_module
 
@@ -105,27 +107,11 @@ def test_teacher_endpoint_must_be_local_unless_allowed(vault, tmp_path):
         "use a local endpoint or pass --allow-remote to send note text there")
     # a loopback URL passes the guard; with nothing listening it is a one-line connection error, no traceback
     r = extract(vault, out, "--mode", "teacher", "--teacher-url", "http://127.0.0.1:9/v1")
-    assert r.returncode == 1 and "Traceback" not in r.stderr and "cannot connect" in r.stderr
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "connection failed" in r.stderr
     r = extract(vault, out, "--expand-with", "missing.gguf")
     assert r.returncode == 1 and "error: --expand-with missing.gguf: GGUF file not found" in r.stderr
     r = extract(tmp_path / "nowhere", out)
     assert r.returncode == 1 and "vault folder not found" in r.stderr
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tiny_model, tmp_path_factory):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: bash scripts/install_llama_cpp.sh")
-    from qmd_unsloth import config as C
-    from qmd_unsloth.export import export
-    from qmd_unsloth.llamacpp import DEFAULT_DIR, ToolsMissing, check
-
-    try:
-        check(DEFAULT_DIR)
-    except ToolsMissing as e:
-        pytest.skip(str(e))
-    out = tmp_path_factory.mktemp("gguf")
-    export(C.load(C.ExportConfig, None, model=tiny_model, out=out))
-    return out / "qmd-query-expansion-q4_k_m.gguf"
 
 
 def test_the_current_model_writes_expansions(vault, tmp_path, tiny_gguf):
@@ -137,3 +123,21 @@ def test_the_current_model_writes_expansions(vault, tmp_path, tiny_gguf):
     expanded = [row for row in rows if "output" in row]
     assert expanded  # QMD's grammar: whatever the random tiny model writes comes out as prefixed lines
     assert all(k in ("lex", "vec", "hyde") and t.strip() for row in expanded for k, t in row["output"])
+
+
+def test_a_teacher_endpoint_writes_the_expansions(vault, tmp_path, scripted):
+    """Teacher expansions through qmd_unsloth.teacher, against the scripted local server of the generate tests (a
+    stand-in for a real teacher model, which cannot run here)."""
+    from tests.test_generate import Script
+
+    url = scripted(Script(plan={}))
+    out = tmp_path / "c.jsonl"
+    r = extract(vault, out, "--per-note", "1", "--expand-with", "teacher", "--teacher-url", url,
+                "--teacher-model", "scripted")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and all(r.get("output") for r in rows)
+    from qmd_unsloth.reward import score_expansion
+
+    q = rows[0]["query"]
+    assert score_expansion(q, "\n".join(f"{k}: {t}" for k, t in rows[0]["output"])).hard_failure is None
