@@ -30,9 +30,9 @@ def prompt_dataset(cfg: GRPOConfig, tokenizer, run: Path):
     """Training queries rendered with the model's template: columns ``prompt`` (text) and ``query``."""
     from datasets import load_dataset
 
-    from .data import prepare
+    from .runs import prepare_data
 
-    prepare(run / "data", cfg.data, cfg.seed, cfg.val_fraction, chat_template=tokenizer.chat_template)
+    prepare_data(run, cfg, tokenizer.chat_template)  # written once, by the main process
     ds = load_dataset("json", data_files={"train": str(run / "data" / "train.jsonl")})["train"]
     return ds.remove_columns([c for c in ds.column_names if c not in ("prompt", "query")])
 

@@ -17,9 +17,9 @@ def prepare_datasets(cfg: SFTConfig, tokenizer, run: Path):
     """Renders the data with the model's own chat template into ``<run>/data`` and loads it with datasets."""
     from datasets import load_dataset
 
-    from .data import prepare
+    from .runs import prepare_data
 
-    meta = prepare(run / "data", cfg.data, cfg.seed, cfg.val_fraction, chat_template=tokenizer.chat_template)
+    meta = prepare_data(run, cfg, tokenizer.chat_template)  # written once, by the main process
     files = {"train": str(run / "data" / "train.jsonl")}
     if meta["val"]:
         files["val"] = str(run / "data" / "val.jsonl")
