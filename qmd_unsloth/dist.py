@@ -80,6 +80,10 @@ def init(use_cpu: bool = False) -> None:
         return
     from accelerate import PartialState
 
+    if cpu_launch(use_cpu):
+        # accelerate names each CPU rank's device "cpu:0", which torch.load cannot map a checkpoint to (the Trainer
+        # loads the optimizer state with map_location=args.device when world_size > 1): resume would fail.
+        os.environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
     PartialState(cpu=cpu_launch(use_cpu))
 
 

@@ -66,7 +66,8 @@ def run(cfg: SFTConfig, resume: bool = False) -> Path:
 
     def build(cfg, run_path):
         trainer, tokenizer, backend, meta = build_trainer(cfg, run_path)
-        return trainer, tokenizer, backend, {"train_rows": meta["train"], "val_rows": meta["val"]}
+        return trainer, tokenizer, backend, {"train_rows": meta["train"], "val_rows": meta["val"],
+                                             "split_sha256": meta["split_sha256"][:16]}
 
     return train_stage("sft", cfg, resume, build, ("loss", "eval_loss"), "loss.png", cfg.base_model, evaluate=True)
 
