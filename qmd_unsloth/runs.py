@@ -146,8 +146,9 @@ def training_args(cfg, run: Path, backend: str) -> dict:
         use_cpu=dist.cpu_launch(cfg.use_cpu),
         # every LoRA weight gets a gradient each step; True breaks DDP under reentrant gradient checkpointing
         ddp_find_unused_parameters=False,
-        # Unsloth brings its own gradient checkpointing ("unsloth"), set in get_peft_model
-        gradient_checkpointing=cfg.gradient_checkpointing and backend == "hf",
+        # Unsloth brings its own gradient checkpointing ("unsloth"), set in get_peft_model; under FSDP the
+        # accelerate config's fsdp_activation_checkpointing does it (both at once is an error in transformers)
+        gradient_checkpointing=cfg.gradient_checkpointing and backend == "hf" and not dist.fsdp_launch(),
         **precision(cfg.use_cpu),
     )
 
