@@ -149,7 +149,7 @@ def training_args(cfg, run: Path, backend: str) -> dict:
         # Unsloth brings its own gradient checkpointing ("unsloth"), set in get_peft_model; under FSDP the
         # accelerate config's fsdp_activation_checkpointing does it (both at once is an error in transformers)
         gradient_checkpointing=cfg.gradient_checkpointing and backend == "hf" and not dist.fsdp_launch(),
-        **precision(cfg.use_cpu),
+        **precision(dist.cpu_launch(cfg.use_cpu)),
     )
 
 
