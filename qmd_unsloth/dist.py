@@ -41,9 +41,12 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+_on_cpu = False  # set by init(): accelerate runs FSDP on accelerators only and falls back to DDP on CPU
+
+
 def fsdp_launch() -> bool:
-    """True under ``accelerate launch`` with an FSDP config (it exports ACCELERATE_USE_FSDP)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in _TRUE
+    """True under ``accelerate launch`` with an FSDP config (it exports ACCELERATE_USE_FSDP), on GPUs."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in _TRUE and not _on_cpu
 
 
 def cpu_launch(use_cpu: bool = False) -> bool:
@@ -72,6 +75,8 @@ def effective_batch(cfg) -> int:
 def init(use_cpu: bool = False) -> None:
     """Joins the process group before the Trainer does (accelerate's PartialState picks gloo on CPU, nccl on CUDA
     and sets this rank's GPU); the Trainer later finds it initialised and reuses it."""
+    global _on_cpu
+    _on_cpu = cpu_launch(use_cpu)
     if not is_distributed():
         return
     import torch.distributed as td

@@ -196,3 +196,35 @@ def test_fsdp_with_the_unsloth_backend_is_refused_in_one_line(monkeypatch):
     dist.check_backend("hf")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
     dist.check_backend("unsloth")  # DDP: Unsloth's documented route
+
+
+def test_adapter_merge_used_under_fsdp_equals_the_in_memory_merge(tiny_model, tmp_path):
+    """Under FSDP no rank holds whole weights, so the main process merges the gathered adapter into a fresh 16-bit
+    base (runs.merge_adapter); it must give the weights merge_and_unload gives in memory.  (accelerate runs FSDP on
+    GPUs only, so the launch itself is not exercised here.)"""
+    import torch
+    from safetensors.torch import load_file
+
+    from qmd_unsloth import config as C
+    from qmd_unsloth.model import load_for_training, save_merged
+    from qmd_unsloth.runs import merge_adapter
+
+    cfg = C.load(C.SFTConfig, None, use_cpu=True, backend="hf")
+    model, tok, _ = load_for_training(str(tiny_model), cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)  # a trained-looking adapter: B starts at zero
+    model.save_pretrained(tmp_path / "adapter")
+    merge_adapter(tmp_path / "adapter", tok, tmp_path / "from_adapter", str(tiny_model))
+    save_merged(model, tok, tmp_path / "in_memory", "hf")
+    a = load_file(tmp_path / "from_adapter" / "model.safetensors")
+    b = load_file(tmp_path / "in_memory" / "model.safetensors")
+    assert a.keys() == b.keys()
+    base = load_file(tiny_model / "model.safetensors")
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-2, atol=2e-3), k  # bf16 copy vs the fp32 merge
+    q = next(k for k in a if "q_proj.weight" in k)
+    assert not torch.allclose(a[q].float(), base[q].float(), atol=1e-3)  # the adapter really was merged in
+    assert not (tmp_path / "adapter").exists()  # the gathered adapter is removed once merged
