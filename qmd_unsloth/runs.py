@@ -160,33 +160,25 @@ def last_checkpoint(path: Path) -> str | None:
     return get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None
 
 
-# A launcher forwards the terminal's Ctrl-C to workers that already got it from the terminal: a repeat this soon is
-# the same request, not a second one.
-REPEAT_SIGNAL_S = 2.0
-
-
 def stop_callback():
     """A TrainerCallback: the first Ctrl-C or SIGTERM saves a checkpoint at the end of the step and stops.
 
-    Under torchrun or accelerate launch the ranks agree at every step end (one all-reduce of a flag), so that all
-    stop after the same step, however the signal reached them; torchrun gives its workers 30 s after forwarding
-    a signal before it kills them."""
+    Under torchrun or accelerate launch (whose workers run in their own sessions: a terminal's Ctrl-C reaches the
+    launcher, which forwards it to each worker) the ranks agree at every step end (one all-reduce of a flag), so
+    that all stop after the same step; torchrun gives its workers 30 s after forwarding a signal before it kills
+    them."""
     from transformers import TrainerCallback
 
     class GracefulStop(TrainerCallback):
         def __init__(self):
             self.requested = False
-            self._first = 0.0
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, self._handle)
 
         def _handle(self, signum, frame):
             if self.requested:  # a second signal: stop now
-                if time.monotonic() - self._first < REPEAT_SIGNAL_S:
-                    return
                 raise KeyboardInterrupt
             self.requested = True
-            self._first = time.monotonic()
             print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
                   "(again to stop at once)", file=sys.stderr)
 

@@ -146,21 +146,26 @@ def test_grpo_two_processes_under_accelerate_launch(tiny_model, data_file, tmp_p
     assert "Unsloth" not in r.stdout + r.stderr
 
 
-def test_sigterm_to_torchrun_saves_one_checkpoint_and_the_run_resumes(tiny_model, data_file, tmp_path):
-    """torchrun forwards SIGTERM to its workers; they agree to stop after the same step, the main process saves."""
+def test_ctrl_c_under_torchrun_saves_one_checkpoint_and_the_run_resumes(tiny_model, data_file, tmp_path):
+    """Ctrl-C in a terminal sends SIGINT to the foreground process group; torchrun forwards it to its workers (they
+    run in sessions of their own).  The ranks agree to stop after the same step and the main process saves one
+    checkpoint that resumes."""
     args = [str(BIN / "torchrun"), "--nproc_per_node", "2", "-m", "qmd_unsloth.sft",
             *sft_args(tiny_model, data_file, tmp_path, 1, "--max-steps", "400", "--save-steps", "1000",
                       "--run-name", "r")]
-    proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    run = tmp_path / "sft" / "r"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (run / "checkpoints").is_dir():  # the Trainer has started
-        time.sleep(0.5)
-    time.sleep(3)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    log = tmp_path / "stderr.log"
+    with log.open("w") as err_fh:
+        proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+                                stdout=subprocess.PIPE, stderr=err_fh, text=True, start_new_session=True)
+        for line in proc.stdout:  # printed once the stop handler is installed, just before training starts
+            if line.startswith("sft: backend"):
+                break
+        time.sleep(3)  # a few steps
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        proc.communicate(timeout=120)
+    err = log.read_text()
     assert proc.returncode != 0
+    run = tmp_path / "sft" / "r"
     assert err.count("continue with --resume") == 1, err[-3000:]
     (ckpt,) = (run / "checkpoints").glob("checkpoint-*")
     assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "trainer_state.json").is_file()
