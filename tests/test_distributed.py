@@ -233,3 +233,20 @@ def test_adapter_merge_used_under_fsdp_equals_the_in_memory_merge(tiny_model, tm
     q = next(k for k in a if "q_proj.weight" in k)
     assert not torch.allclose(a[q].float(), base[q].float(), atol=1e-3)  # the adapter really was merged in
     assert not (tmp_path / "adapter").exists()  # the gathered adapter is removed once merged
+
+
+def test_qwen3_presets_load_and_keep_the_effective_batch():
+    """The 4B/8B presets are valid stage configs; SFT keeps the effective batch 16 on one card or two."""
+    from qmd_unsloth import config as C
+
+    files = sorted((REPO / "configs" / "presets").glob("*-qwen3-*.yaml"))
+    assert len(files) == 9
+    for f in files:
+        stage = f.name.split("-")[0]
+        cfg = C.load(C.STAGES[stage], f)
+        gpus = 2 if "-2x" in f.name else 1
+        batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * gpus
+        if stage == "sft":
+            assert batch == 16 and cfg.base_model.startswith("Qwen/Qwen3-"), f.name
+        else:
+            assert batch % cfg.num_generations == 0, f.name
