@@ -33,18 +33,21 @@ def prompt_dataset(cfg: GRPOConfig, tokenizer, run: Path):
     From ``cfg.prompts`` (a queries file) when given, else the training split of ``cfg.data``."""
     from datasets import Dataset, load_dataset
 
-    from .data import prepare
+    from .runs import prepare_data
 
     if cfg.prompts is not None:
+        from . import dist
         from .atomic import atomic_write_text
         from .eval import read_queries
         from .prompt import render_prompt
 
         rows = [{"prompt": render_prompt(q, tokenizer), "query": q} for _, q in read_queries(cfg.prompts)]
-        atomic_write_text(run / "data" / "prompts.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                                                  for r in rows))
+        if dist.is_main_process():  # every rank builds the same rows; the main process keeps the record
+            atomic_write_text(run / "data" / "prompts.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "
+"
+                                                                      for r in rows))
         return Dataset.from_list(rows)
-    prepare(run / "data", cfg.data, cfg.seed, cfg.val_fraction, chat_template=tokenizer.chat_template)
+    prepare_data(run, cfg, tokenizer.chat_template)  # written once, by the main process
     ds = load_dataset("json", data_files={"train": str(run / "data" / "train.jsonl")})["train"]
     return ds.remove_columns([c for c in ds.column_names if c not in ("prompt", "query")])
 

@@ -125,14 +125,16 @@ def load_base(name: str, cfg, backend: str, for_training: bool = True):
     kwargs: dict = {}
     on_gpu = torch.cuda.is_available() and not cfg.use_cpu
     if on_gpu:
+        from . import dist
+
         kwargs["dtype"] = compute_dtype()
-        kwargs["device_map"] = {"": 0}
+        kwargs.update(dist.placement())  # this rank's GPU (DDP), or none: FSDP shards and places the weights
         if cfg.load_in_4bit and not gguf and find_spec("bitsandbytes") is not None:
             from transformers import BitsAndBytesConfig
 
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=compute_dtype())
+                bnb_4bit_compute_dtype=compute_dtype(), **dist.quant_storage(compute_dtype()))
     else:
         kwargs["dtype"] = torch.float32
     if gguf:

@@ -4,6 +4,10 @@ Layout: ``<output_dir>/<stage>/<run_name>/`` with ``config.yaml``, ``versions.js
 ``checkpoints/``, ``tb/`` (TensorBoard), ``metrics.json``, ``loss.png`` or ``reward.png``, ``merged/``.
 ``<output_dir>/<stage>/latest`` points at the newest run.  Ctrl-C or SIGTERM saves a checkpoint and stops;
 ``--resume`` continues from the last checkpoint.
+
+Under ``torchrun`` or ``accelerate launch`` (qmd_unsloth.dist) the main process names the run folder and writes
+everything in it (config, data, metrics, plot, merged model; the Trainer writes checkpoints from the main process
+too) while the other ranks wait at a barrier where a later step reads what it wrote.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from . import dist
 from .config import StageConfig, dump
 from .atomic import atomic_write_text
 
@@ -54,10 +59,38 @@ def run_dir(cfg, stage: str, resume: bool) -> Path:
     return root / time.strftime(f"{stage}-%Y%m%d-%H%M%S")
 
 
-def start(cfg: StageConfig, stage: str, resume: bool, data_hash: str | None = None) -> Path:
-    path = run_dir(cfg, stage, resume)
+def shared_run_dir(cfg, stage: str, resume: bool) -> Path:
+    """``run_dir`` decided by the main process and given to every rank (a timestamp read on two ranks may differ)."""
+    if not dist.is_distributed():
+        return run_dir(cfg, stage, resume)
+    decided = None
+    if dist.is_main_process():
+        try:
+            decided = ("ok", str(run_dir(cfg, stage, resume)))
+        except SystemExit as e:
+            decided = ("exit", str(e))
+    kind, value = dist.broadcast(decided)
+    if kind == "exit":
+        raise SystemExit(value)
+    return Path(value)
+
+
+def start(cfg: StageConfig, stage: str, resume: bool, data_hash: str | None = None, extra: dict | None = None) -> Path:
+    """The run folder with config.yaml, versions.json, data.json and the ``latest`` link (written by the main
+    process only; every rank returns the same path once they are there)."""
+    path = shared_run_dir(cfg, stage, resume)
+    if dist.is_main_process():
+        _write_start(path, cfg, data_hash, extra)
+    dist.barrier()
+    return path
+
+
+def _write_start(path: Path, cfg, data_hash: str | None, extra: dict | None) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path / "config.yaml", dump(cfg) + "\n")
+    config = dump(cfg) + "\n"
+    if extra:  # how it was launched: not config keys, so recorded as a comment block the loader ignores
+        config += "# launch: " + json.dumps(extra) + "\n"
+    atomic_write_text(path / "config.yaml", config)
     atomic_write_text(path / "versions.json", json.dumps(library_versions(), indent=2) + "\n")
     if data_hash:
         atomic_write_text(path / "data.json", json.dumps({"data_hash": data_hash}, indent=2) + "\n")
@@ -68,7 +101,26 @@ def start(cfg: StageConfig, stage: str, resume: bool, data_hash: str | None = No
         latest.symlink_to(path.name)
     except OSError:  # no symlinks on this filesystem: the run folder is still printed
         pass
-    return path
+
+
+def prepare_data(run: Path, cfg, chat_template: str | None) -> dict:
+    """``data.prepare`` into ``<run>/data`` by the main process; the other ranks wait, then read what it wrote.
+    Every rank then checks that it sees the same split (a fingerprint of the prepared files)."""
+    import hashlib
+
+    from .data import prepare
+
+    out = run / "data"
+    meta = prepare(out, cfg.data, cfg.seed, cfg.val_fraction, chat_template=chat_template) \
+        if dist.is_main_process() else None
+    dist.barrier()
+    if meta is None:
+        meta = json.loads((out / "prepare.json").read_text())
+    h = hashlib.sha256()
+    for name in ("train.jsonl", "val.jsonl"):
+        h.update((out / name).read_bytes())
+    meta["split_sha256"] = dist.agree(h.hexdigest(), f"{out}: the prepared train/val split")
+    return meta
 
 
 def training_args(cfg, run: Path, backend: str) -> dict:
@@ -91,10 +143,13 @@ def training_args(cfg, run: Path, backend: str) -> dict:
         save_total_limit=cfg.save_total_limit,
         seed=cfg.seed,
         report_to=list(cfg.report_to),
-        use_cpu=cfg.use_cpu,
-        # Unsloth brings its own gradient checkpointing ("unsloth"), set in get_peft_model
-        gradient_checkpointing=cfg.gradient_checkpointing and backend == "hf",
-        **precision(cfg.use_cpu),
+        use_cpu=dist.cpu_launch(cfg.use_cpu),
+        # every LoRA weight gets a gradient each step; True breaks DDP under reentrant gradient checkpointing
+        ddp_find_unused_parameters=False,
+        # Unsloth brings its own gradient checkpointing ("unsloth"), set in get_peft_model; under FSDP the
+        # accelerate config's fsdp_activation_checkpointing does it (both at once is an error in transformers)
+        gradient_checkpointing=cfg.gradient_checkpointing and backend == "hf" and not dist.fsdp_launch(),
+        **precision(dist.cpu_launch(cfg.use_cpu)),
     )
 
 
@@ -106,7 +161,12 @@ def last_checkpoint(path: Path) -> str | None:
 
 
 def stop_callback():
-    """A TrainerCallback: the first Ctrl-C or SIGTERM saves a checkpoint at the end of the step and stops."""
+    """A TrainerCallback: the first Ctrl-C or SIGTERM saves a checkpoint at the end of the step and stops.
+
+    Under torchrun or accelerate launch (whose workers run in their own sessions: a terminal's Ctrl-C reaches the
+    launcher, which forwards it to each worker) the ranks agree at every step end (one all-reduce of a flag), so
+    that all stop after the same step; torchrun gives its workers 30 s after forwarding a signal before it kills
+    them."""
     from transformers import TrainerCallback
 
     class GracefulStop(TrainerCallback):
@@ -123,6 +183,7 @@ def stop_callback():
                   "(again to stop at once)", file=sys.stderr)
 
         def on_step_end(self, args, state, control, **kwargs):
+            self.requested = dist.any_rank(self.requested, args.device)
             if self.requested:
                 control.should_save = True
                 control.should_training_stop = True
@@ -132,7 +193,7 @@ def stop_callback():
 
 
 def finish(path: Path, trainer, plot_keys: tuple[str, ...], plot_name: str, extra: dict | None = None) -> dict:
-    """Writes metrics.json and a PNG plot of the logged keys; returns the metrics."""
+    """Writes metrics.json and a PNG plot of the logged keys (main process only); returns the metrics."""
     history = trainer.state.log_history
     metrics = {"global_step": trainer.state.global_step, "epoch": trainer.state.epoch,
                "log_history": history, **(extra or {})}
@@ -140,8 +201,9 @@ def finish(path: Path, trainer, plot_keys: tuple[str, ...], plot_name: str, extr
         vals = [h[key] for h in history if key in h]
         if vals:
             metrics[f"final_{key}"] = vals[-1]
-    atomic_write_text(path / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
-    plot(history, plot_keys, path / plot_name)
+    if dist.is_main_process():
+        atomic_write_text(path / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
+        plot(history, plot_keys, path / plot_name)
     return metrics
 
 
@@ -172,29 +234,81 @@ def train_stage(stage: str, cfg, resume: bool, build, plot_keys: tuple[str, ...]
 
     ``build(cfg, run_path)`` returns ``(trainer, tokenizer, backend, extra metrics)``.
     """
-    from .data import data_hash
-    from .model import save_merged
+    from transformers import set_seed
 
-    run_path = start(cfg, stage, resume, data_hash(cfg.data))
+    from .data import data_hash
+
+    dist.init(cfg.use_cpu)
+    launch = dist.describe(cfg)
+    run_path = start(cfg, stage, resume, data_hash(cfg.data), launch)
+    set_seed(cfg.seed)  # the LoRA's initial weights too: the same on one process or many (DDP copies rank 0's)
     trainer, tokenizer, backend, extra = build(cfg, run_path)
+    dist.check_backend(backend)
     stopper = stop_callback()
     trainer.add_callback(stopper)
-    ckpt = last_checkpoint(run_path) if resume else None
-    print(f"{stage}: backend {backend}, " + ", ".join(f"{k} {v}" for k, v in extra.items())
-          + f", run folder {run_path}" + (f", resuming from {ckpt}" if ckpt else ""))
+    ckpt = dist.agree(last_checkpoint(run_path) if resume else None, "the checkpoint to resume from")
+    extra = {**extra, **launch}
+    say(f"{stage}: backend {backend}, " + ", ".join(f"{k} {v}" for k, v in extra.items())
+        + f" ({cfg.per_device_train_batch_size} per device x {cfg.gradient_accumulation_steps} accumulation x "
+        f"{launch['world_size']} processes), run folder {run_path}" + (f", resuming from {ckpt}" if ckpt else ""))
     trainer.train(resume_from_checkpoint=ckpt)
     extra = {"backend": backend, **extra}
     if stopper.requested:
         finish(run_path, trainer, plot_keys, plot_name, {**extra, "interrupted": True})
-        print(f"{stage}: stopped; checkpoint saved under {run_path / 'checkpoints'}; continue with --resume",
-              file=sys.stderr)
+        dist.barrier()
+        if dist.is_main_process():
+            print(f"{stage}: stopped; checkpoint saved under {run_path / 'checkpoints'}; continue with --resume",
+                  file=sys.stderr)
         raise SystemExit(130)
     if evaluate and trainer.eval_dataset is not None:
         trainer.log(trainer.evaluate())
     finish(run_path, trainer, plot_keys, plot_name, extra)
-    merged = save_merged(trainer.model, tokenizer, run_path / "merged", backend, base_name)
-    print(f"{stage}: merged model written to {merged}")
+    merged = merge(trainer, tokenizer, run_path / "merged", backend, base_name)
+    say(f"{stage}: merged model written to {merged}")
     return merged
+
+
+def say(line: str) -> None:
+    """A progress line, printed once (by the main process)."""
+    if dist.is_main_process():
+        print(line, flush=True)
+
+
+def merge(trainer, tokenizer, out: Path, backend: str, base_name: str) -> Path:
+    """The merged 16-bit model, written by the main process while the others wait.
+
+    Under FSDP no rank holds whole weights: the Trainer gathers the adapter (every rank takes part), then the main
+    process merges it into a 16-bit copy of the base."""
+    from .model import save_merged
+
+    if dist.is_distributed() and dist.fsdp_launch():
+        adapter = out.with_name(f".{out.name}.adapter")
+        trainer.save_model(str(adapter))
+        if dist.is_main_process():
+            merge_adapter(adapter, tokenizer, out, base_name)
+    elif dist.is_main_process():
+        save_merged(trainer.model, tokenizer, out, backend, base_name)
+    dist.barrier()
+    return out
+
+
+def merge_adapter(adapter: Path, tokenizer, out: Path, base_name: str) -> None:
+    """A saved LoRA adapter merged into a 16-bit copy of its base, written atomically to ``out``."""
+    import shutil
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from .atomic import atomic_folder
+    from .model import resolve
+
+    path, _ = resolve(base_name)
+    with atomic_folder(out) as tmp:
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+        PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    shutil.rmtree(adapter, ignore_errors=True)
 
 
 def stage_main(stage: str, doc: str, run, argv: list[str] | None = None) -> int:

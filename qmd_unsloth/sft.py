@@ -17,9 +17,9 @@ def prepare_datasets(cfg: SFTConfig, tokenizer, run: Path):
     """Renders the data with the model's own chat template into ``<run>/data`` and loads it with datasets."""
     from datasets import load_dataset
 
-    from .data import prepare
+    from .runs import prepare_data
 
-    meta = prepare(run / "data", cfg.data, cfg.seed, cfg.val_fraction, chat_template=tokenizer.chat_template)
+    meta = prepare_data(run, cfg, tokenizer.chat_template)  # written once, by the main process
     files = {"train": str(run / "data" / "train.jsonl")}
     if meta["val"]:
         files["val"] = str(run / "data" / "val.jsonl")
@@ -66,7 +66,8 @@ def run(cfg: SFTConfig, resume: bool = False) -> Path:
 
     def build(cfg, run_path):
         trainer, tokenizer, backend, meta = build_trainer(cfg, run_path)
-        return trainer, tokenizer, backend, {"train_rows": meta["train"], "val_rows": meta["val"]}
+        return trainer, tokenizer, backend, {"train_rows": meta["train"], "val_rows": meta["val"],
+                                             "split_sha256": meta["split_sha256"][:16]}
 
     return train_stage("sft", cfg, resume, build, ("loss", "eval_loss"), "loss.png", cfg.base_model, evaluate=True)
 
