@@ -7,17 +7,23 @@ Points (100 in all):
 
 =========  ===  ==============================================================================================
 format      20  at least one lex and one vec line, at most 3 of each and 1 hyde, hyde first
-diversity   15  lines differ from each other and from the query
-hyde        15  present (absent keeps 5), 50-200 characters, not repetitive, shares a term with the query
-quality     20  lex short (2-5 terms) and keyword-like, vec natural language, no filler, no line QMD would drop
+diversity   15  both lex and vec present, lines differ from each other and from the query
+hyde        15  present (absent keeps 5), 50-200 characters (CJK count double), not repetitive, on the query's topic
+quality     20  lex short (2-5 terms, CJK chunks short) and keyword-like, vec natural language, no filler, no line
+                QMD would drop (``qmd_drops``: QMD's own rule), every line shares a content term with the query
 entities    10  acronyms, proper nouns and technical tokens of the query survive in the lex lines
 thinking    20  no non-empty ``<think>`` block
 =========  ===  ==============================================================================================
 
 Hard failures score 0: empty output, a chat-template token inside the text (one trailing ``<|im_end|>`` or
 ``<|endoftext|>`` is stripped first), any non-empty line without an exact ``lex: ``, ``vec: `` or ``hyde: `` prefix.
-An echo cap (score at most 0.35 when most lines merely repeat the query) applies to the one number used both as the
-RL reward and for the eval rating.
+Then, on the one number used both as the RL reward and for the eval rating:
+
+- language: the score is multiplied by ``1 - 0.7 x`` the share of lines not written in the query's language or
+  script (``in_language``; identifiers, names, numbers and the query's own words do not count), so a Chinese query
+  expanded into English scores 0.30 at best;
+- entity cap: at most 0.45 when no line at all keeps any named entity of the query (QMD loses it);
+- echo cap: at most 0.35 when most lines merely repeat the query.
 
 Run ``python -m qmd_unsloth.reward FILE.jsonl`` to score ``{"query", "completion"}`` rows, ``--selftest`` for worked
 examples.
@@ -39,11 +45,28 @@ RATINGS = ((0.80, "Excellent"), (0.60, "Good"), (0.40, "Acceptable"), (0.20, "Po
 KINDS = ("hyde", "lex", "vec")
 HYDE_MIN_CHARS, HYDE_MAX_CHARS = 50, 200
 LEX_MAX_TERMS = 5
+LEX_MAX_CJK_CHUNK = 6  # longest unspaced CJK chunk in a lex line (see lex_terms)
 ECHO_CAP = 0.35
+ENTITY_CAP = 0.45
 MAX_LINES_COMPARED = 12  # pairwise checks look at this many lines at most (a 1 MB completion stays linear)
 
 _TEMPLATE_TOKEN = re.compile(r"<\|[a-z_]+\|>")
 _TOKEN = re.compile(r"\w[\w+#]*(?:[./'-][\w+#]+)*")
+# The scripts QMD's index spaces out character by character (its CJK_RUN_PATTERN: Han, Hiragana, Katakana, Hangul).
+_HAN = "\u2e80-\u2fdf\u3005\u3007\u3021-\u3029\u3038-\u303b\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
+_KANA = "\u3041-\u309f\u30a0-\u30ff\u31f0-\u31ff\uff66-\uff9f"
+_HANGUL = "\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7af\ud7b0-\ud7ff\uffa0-\uffdc"
+_CJK = _HAN + _KANA + _HANGUL
+_CJK_CHAR = re.compile(f"[{_CJK}]")
+_OTHER_SCRIPT = re.compile(f"[\u0370-\u052f\u0590-\u077f\u0900-\u097f\u0e00-\u0e7f{_CJK}]")  # letters of non-Latin scripts
+_QUOTED = re.compile(r'"[^"]*"|\u201c[^\u201d]*\u201d')
+_CJK_OR_NOT = re.compile(f"[{_CJK}]+|[^{_CJK}]+")
+_NOT_WORD_EDGE = "./'-"
+# QMD's drop rule (src/llm.ts expandQuery): the query lowercased, every character but [a-z0-9] and JavaScript's \s
+# replaced by a space, split on \s.
+_JS_SPACE = "\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+_QMD_NON_TERM = re.compile(f"[^a-z0-9{_JS_SPACE}]")
+_QMD_SPLIT = re.compile(f"[{_JS_SPACE}]+")
 _ACRONYM = re.compile(r"[A-Z][A-Z0-9]*[A-Z0-9]\Z")  # AWS, S3, EC2, JWT (>= 2 chars, all caps/digits)
 _CAMEL = re.compile(r"[a-z][a-z0-9]*[A-Z]|[A-Z][a-z0-9]+[A-Z]")  # useEffect, PostgreSQL, GitHub
 _TECH = re.compile(r"[._/+#]|[a-z][0-9]|[0-9][a-z]|^(1[89]|20)[0-9][0-9]$", re.I)  # node.js, C++, v2, ci/cd, 2025
@@ -67,6 +90,203 @@ def _has_filler(text: str) -> bool:
     return any(f in low for f in FILLER)
 
 
+# --- languages and scripts -------------------------------------------------------------------------------------------
+# Script of the language codes the reward knows; any other ISO 639-1 code is taken as a Latin-script language.
+SCRIPT_OF_LANG = {
+    "zh": "han", "ja": "kana", "ko": "hangul",
+    **dict.fromkeys(("ru", "uk", "bg", "be", "sr", "mk", "kk", "ky", "mn", "tg"), "cyrillic"),
+    "el": "greek", **dict.fromkeys(("he", "yi"), "hebrew"), **dict.fromkeys(("ar", "fa", "ur", "ps"), "arabic"),
+    **dict.fromkeys(("hi", "mr", "ne", "sa"), "devanagari"), "th": "thai",
+}
+LANG_OF_SCRIPT = {"han": "zh", "kana": "ja", "hangul": "ko", "cyrillic": "ru", "greek": "el", "hebrew": "he",
+                  "arabic": "ar", "devanagari": "hi", "thai": "th"}
+# Function words that tell the Latin-script languages apart (a word may vote for several).
+_FUNCTION_WORDS = {
+    "en": "the and of to is are how what why when where which who with for from does did can my your this that these "
+          "those it its be been not or at by on between without about into should would could will has have there "
+          "their than then as do no",
+    "de": "der die das den dem des und ist sind nicht wie warum wo wann welche welcher welches ein eine einen einem "
+          "einer mit für von zu zum zur auf im bei beim oder ich mein meine meinen wird werden kann können sich nach "
+          "über unter auch aus ohne gegen wenn dass es",
+    "fr": "le la les des du un une et est sont pour dans avec sur qui que quoi comment pourquoi quand où ce cette ces "
+          "mon ma mes pas au aux par ne sans entre quel quelle quels quelles je il elle nous vous leur son sa ses en "
+          "mais on",
+    "es": "el los las del y es son para con por qué que cómo como cuál cuáles cuando cuándo dónde donde una un mi mis "
+          "sin entre se lo al está están en hay más su sus tu muy no",
+    "pt": "o os as do da dos das e é são para com por que como um uma no na nos nas não em ao aos meu minha qual "
+          "quais quando onde sem entre se mais seu sua você está estão mas",
+}
+_LATIN_VOTES: dict[str, tuple[str, ...]] = {}
+for _lang, _words in _FUNCTION_WORDS.items():
+    for _w in _words.split():
+        _LATIN_VOTES[_w] = _LATIN_VOTES.get(_w, ()) + (_lang,)
+_DIACRITIC_VOTES = {**dict.fromkeys("äöüß", ("de",)), "ñ": ("es",), **dict.fromkeys("ãõ", ("pt",)),
+                    "ç": ("fr", "pt"), **dict.fromkeys("èëîïûùœ", ("fr",)), **dict.fromkeys("âêô", ("fr", "pt")),
+                    "à": ("fr", "pt"), **dict.fromkeys("áíóú", ("es", "pt")), "é": ("fr", "es", "pt")}
+_ALL_FUNCTION_WORDS = STOPWORDS | frozenset(_LATIN_VOTES) | frozenset(
+    "и в во не на с со как что для по из к о об от до за у ли или это мой моя мои".split())
+LATIN_LANGS = frozenset(_FUNCTION_WORDS)  # the Latin-script languages told apart by function words
+LANGUAGE_WEIGHT = 0.7  # the score is multiplied by 1 - LANGUAGE_WEIGHT x (share of lines not in the query's language)
+ISO_639_1 = frozenset(
+    "aa ab ae af ak am an ar as av ay az ba be bg bi bm bn bo br bs ca ce ch co cr cs cu cv cy da de dv dz ee el en eo "
+    "es et eu fa ff fi fj fo fr fy ga gd gl gn gu gv ha he hi ho hr ht hu hy hz ia id ie ig ii ik io is it iu ja jv ka "
+    "kg ki kj kk kl km kn ko kr ks ku kv kw ky la lb lg li ln lo lt lu lv mg mh mi mk ml mn mr ms mt my na nb nd ne ng "
+    "nl nn no nr nv ny oc oj om or os pa pi pl ps pt qu rm rn ro ru rw sa sc sd se sg si sk sl sm sn so sq sr ss st su "
+    "sv sw ta te tg th ti tk tl tn to tr ts tt tw ty ug uk ur uz ve vi vo wa wo xh yi yo za zh zu".split()
+)
+
+
+def _char_script(ch: str) -> str:
+    o = ord(ch)
+    if o < 0x250 or 0x1E00 <= o < 0x1F00 or 0xFF10 <= o < 0xFF5B:
+        return "latin"  # Latin (with digits and _), Latin Extended Additional, fullwidth Latin
+    if 0x400 <= o < 0x530:
+        return "cyrillic"
+    if 0xAC00 <= o < 0xD800 or 0x1100 <= o < 0x1200 or 0x3130 <= o < 0x3190 or 0xA960 <= o < 0xA980 or 0xFFA0 <= o < 0xFFDD:
+        return "hangul"
+    if 0x3041 <= o < 0x3100 or 0x31F0 <= o < 0x3200 or 0xFF66 <= o < 0xFFA0:
+        return "kana"
+    if _CJK_CHAR.match(ch):
+        return "han"
+    if 0x370 <= o < 0x400:
+        return "greek"
+    if 0x590 <= o < 0x600:
+        return "hebrew"
+    if 0x600 <= o < 0x780:
+        return "arabic"
+    if 0x900 <= o < 0x980:
+        return "devanagari"
+    if 0xE00 <= o < 0xE80:
+        return "thai"
+    return "other"
+
+
+def _split_cjk(toks: list[str]) -> list[str]:
+    """CJK runs become tokens of their own: ``docker容器`` -> ``docker``, ``容器`` (QMD's index splits them too)."""
+    out = []
+    for t in toks:
+        if t.isascii() or not _CJK_CHAR.search(t):
+            out.append(t)
+            continue
+        for piece in _CJK_OR_NOT.findall(t):
+            piece = piece.strip(_NOT_WORD_EDGE)
+            if piece:
+                out.append(piece)
+    return out
+
+
+def _word_count(toks: list[str]) -> int:
+    """Words in a token list, a CJK run counting one word per two characters."""
+    return sum((len(t) + 1) // 2 if is_cjk(t) else 1 for t in toks)
+
+
+def is_cjk(tok: str) -> bool:
+    return bool(tok) and not tok.isascii() and _CJK_CHAR.match(tok) is not None
+
+
+def cjk_grams(run: str) -> list[str]:
+    """Character bigrams of a CJK run (the run itself when it is one character): CJK term overlap is by bigram."""
+    return [run] if len(run) < 2 else [run[i:i + 2] for i in range(len(run) - 1)]
+
+
+def latin_language(words: list[str]) -> str:
+    """en/de/fr/es/pt from function words and diacritics of lowercased words; "" unless one wins with 2+ votes."""
+    votes: dict[str, int] = {}
+    for w in words:
+        langs = _LATIN_VOTES.get(w)
+        if langs is None:
+            if w.isascii():
+                continue
+            found: set[str] = set()
+            for ch in w:
+                found.update(_DIACRITIC_VOTES.get(ch, ()))
+            langs = tuple(found)
+        for lang in langs:
+            votes[lang] = votes.get(lang, 0) + 1
+    if not votes:
+        return ""
+    best = max(votes, key=votes.__getitem__)
+    n1 = votes[best]
+    return best if n1 >= 2 and sum(1 for v in votes.values() if v == n1) == 1 else ""
+
+
+def _script_units(text: str, own: frozenset[str] = frozenset()) -> tuple[dict[str, int], int]:
+    """(units per non-Latin script, Latin words) of a text: a CJK character or a word of another script is one
+    unit; identifiers (digits, ``._/+#``, CamelCase, acronyms), capitalised names after the first word and the
+    query's own words (``own``) do not count."""
+    units: dict[str, int] = {}
+    latin = 0
+    raw = _TOKEN.findall(text[:2000])
+    if not text.isascii():
+        raw = _split_cjk(raw)
+    for i, t in enumerate(raw):
+        script = _char_script(t[0])
+        if script == "latin":
+            if (any(c.isdigit() or c in "._/+#" for c in t) or t[1:] != t[1:].lower()
+                    or (i and t[0].isupper()) or t.lower() in own):
+                continue
+            latin += 1
+        elif script in ("han", "kana", "hangul"):
+            for ch in t:
+                sc = _char_script(ch)
+                units[sc] = units.get(sc, 0) + 1
+        else:
+            units[script] = units.get(script, 0) + 1
+    return units, latin
+
+
+def detect_language(text: str) -> str:
+    """ISO 639-1 code of a query or line from its script (zh, ja, ko, ru, el, he, ar, hi, th) or, for Latin script,
+    from function words (en, de, fr, es, pt); "" when it cannot tell (short keywords, identifiers only).  A phrase
+    in double quotes is a quotation, not the text's language (``"Ich bin ein Berliner" speech``), unless it is all."""
+    if "\"" in text or "\u201c" in text:
+        rest = _QUOTED.sub(" ", text)
+        text = rest if rest.strip() else text
+    units, latin = _script_units(text)
+    other = sum(units.values())
+    if other and other >= latin:
+        if units.get("kana"):
+            return "ja"
+        return LANG_OF_SCRIPT.get(max(units, key=units.get), "")
+    return latin_language(tokens(text)) if latin else ""
+
+
+def language_of(query: str, lang: str | None = None) -> str:
+    """The language a query is reported under: its ``lang`` tag, else detected, else English."""
+    return lang or detect_language(query) or "en"
+
+
+def _line_in_language(text: str, toks: list[str], q: "QueryInfo") -> bool | None:
+    """Whether an expansion line is written in the query's language: True, False, or None when it cannot be told
+    (a keyword line in a Latin-script language, a line of identifiers, names and numbers only)."""
+    if q.script == "latin":
+        if not text.isascii() and _OTHER_SCRIPT.search(text):
+            units, latin = _script_units(text, q.token_set)
+            if sum(units.values()) > latin:
+                return False  # another script dominates
+        if q.lang in LATIN_LANGS:
+            found = latin_language(toks)
+            return (found == q.lang) if found else None
+        return True
+    if not q.script:
+        return True  # a query of identifiers or numbers only: nothing to compare
+    units, latin = _script_units(text, q.token_set)
+    own = units.get(q.script, 0)
+    if q.script in ("kana", "hangul"):
+        own += units.get("han", 0)  # kanji in Japanese, hanja in Korean
+    foreign = latin + sum(units.values()) - own
+    return own >= foreign if own or foreign else None
+
+
+def lines_in_language(verdicts: list[bool | None]) -> list[bool]:
+    """Resolves lines whose language cannot be told: they follow the majority of those that can (an expansion whose
+    sentences are English has English keyword lines too), and count as in the language on a tie."""
+    told_in = sum(1 for v in verdicts if v is True)
+    told_off = sum(1 for v in verdicts if v is False)
+    undecided = told_off <= told_in
+    return [undecided if v is None else v for v in verdicts]
+
+
 @dataclass(slots=True)
 class Dimension:
     name: str
@@ -86,6 +306,9 @@ class Score:
     deductions: list[tuple[str, float, str]]  # (dimension, points taken, reason)
     hard_failure: str | None = None
     notes: list[str] = field(default_factory=list)
+    lang: str = ""  # the query's language as scored ("" when it could not be told)
+    lines_judged: int = 0  # lines compared with the query's language
+    lines_in_language: int = 0  # of those, lines written in it (or only identifiers, names and numbers)
 
     @property
     def dimensions(self) -> dict[str, Dimension]:
@@ -113,6 +336,8 @@ class Score:
             "hard_failure": self.hard_failure,
             "points": {n: round(d.points, 2) for n, d in self.dimensions.items()},
             "reasons": self.reasons,
+            "lang": self.lang,
+            "lines_in_language": [self.lines_in_language, self.lines_judged],
         }
 
 
@@ -124,8 +349,55 @@ def rating_for(score: float) -> str:
 
 
 def tokens(text: str) -> list[str]:
-    """Lowercased word tokens; technical tokens (node.js, c++, ci/cd) stay whole, quotes and punctuation go."""
-    return _TOKEN.findall(text.lower())
+    """Lowercased word tokens; technical tokens (node.js, c++, ci/cd) stay whole, quotes and punctuation go; a CJK
+    run (Han, kana, Hangul) is a token of its own, split from Latin letters next to it."""
+    toks = _TOKEN.findall(text.lower())
+    return toks if text.isascii() else _split_cjk(toks)
+
+
+def qmd_terms(query: str) -> tuple[str, ...]:
+    """QMD's query terms for its drop rule: lowercased, every character but a-z, 0-9 and whitespace made a space."""
+    return tuple(t for t in _QMD_SPLIT.split(_QMD_NON_TERM.sub(" ", query.lower())) if t)
+
+
+def qmd_drops(text: str, terms: tuple[str, ...]) -> bool:
+    """QMD's rule (src/llm.ts): a line is dropped unless its lowercased text contains one of the query's terms
+    (as a substring); with no terms (a query without a-z/0-9, such as pure CJK or Cyrillic) nothing is dropped."""
+    return bool(terms) and _qmd_pattern(terms).search(text.lower()) is None
+
+
+@lru_cache(maxsize=4096)
+def _qmd_pattern(terms: tuple[str, ...]) -> re.Pattern:
+    return re.compile("|".join(map(re.escape, sorted(set(terms), key=len))))
+
+
+def lex_terms(text: str, toks: list[str]) -> tuple[int, int]:
+    """(terms, longest CJK chunk) of a lex line as QMD's FTS5 query sees it.  Latin text: word tokens.  With CJK,
+    every whitespace-separated chunk is one exact phrase of its characters, AND-ed with the others, so the terms are
+    the chunks, and a chunk's length counts its CJK characters (katakana half: loanwords are long) plus 2 for each
+    Latin word glued to it."""
+    if text.isascii() or not _CJK_CHAR.search(text):
+        return len(toks), 0
+    chunks = text.split()
+    longest = 0
+    for chunk in chunks:
+        if not _CJK_CHAR.search(chunk):
+            continue
+        n = 0.0
+        for piece in _CJK_OR_NOT.findall(chunk):
+            if _CJK_CHAR.match(piece):
+                n += sum(0.5 if "\u30a0" <= ch <= "\u30ff" else 1 for ch in piece)
+            elif _TOKEN.search(piece):
+                n += 2 * len(_TOKEN.findall(piece))
+        longest = max(longest, n)
+    return len(chunks), longest
+
+
+def text_width(text: str) -> int:
+    """Characters with CJK characters counted twice (a CJK character carries about two Latin characters' worth)."""
+    if text.isascii():
+        return len(text)
+    return len(text) + len(_CJK_CHAR.findall(text))
 
 
 def _stem(tok: str) -> str:
@@ -172,24 +444,43 @@ class QueryInfo:
     token_set: frozenset[str] = frozenset()
     keys: frozenset[str] = frozenset()  # terms and their stems
     prefixes: frozenset[str] = frozenset()  # 4-letter prefixes of terms of 4+ letters
+    grams: frozenset[str] = frozenset()  # character bigrams of the query's CJK runs
+    qmd_terms: tuple[str, ...] = ()  # QMD's terms for its drop rule (qmd_terms())
+    qmd_re: re.Pattern | None = None  # those terms as one pattern (see qmd_drops)
+    lang: str = ""  # ISO 639-1 code: the row's tag, else detected ("" when it cannot tell)
+    script: str = ""  # the script lines must be written in ("latin", "han", "kana", ...; "" for identifiers only)
 
     def shares_term(self, line_toks: list[str]) -> bool:
-        """True when a line has a token close to a query term: same stem, same 4-letter prefix, or a typo apart."""
-        keys, prefixes = self.keys, self.prefixes
+        """True when a line has a token close to a query term: same stem, same 4-letter prefix, a typo apart, or
+        (CJK) a character bigram in common."""
+        keys, prefixes, grams = self.keys, self.prefixes, self.grams
         for t in line_toks:
             if t in keys or (len(t) >= 4 and t[:4] in prefixes):
                 return True
             if t[-1] == "s" and len(t) <= 4 and _stem(t) in keys:
                 return True
-        return any(_close(t, q) for q in self.terms if len(q) >= 5 for t in line_toks if len(t) >= 5)
+            if grams and is_cjk(t) and any(g in grams for g in cjk_grams(t)):
+                return True
+        return any(_close(t, q) for q in self.terms if len(q) >= 5 and not is_cjk(q)
+                   for t in line_toks if len(t) >= 5 and not is_cjk(t))
+
+
+def analyse_query(query: str, lang: str | None = None) -> QueryInfo:
+    if not isinstance(lang, str) or len(lang) != 2:
+        lang = None  # ignore an empty or malformed tag (data.py validates tags)
+    return _analyse_query(query, lang)
 
 
 @lru_cache(maxsize=4096)
-def analyse_query(query: str) -> QueryInfo:
+def _analyse_query(query: str, lang: str | None) -> QueryInfo:
     query = query[:2000]
     raw = _TOKEN.findall(query)
+    if not query.isascii():
+        raw = _split_cjk(raw)
     toks = [t.lower() for t in raw]
-    terms = tuple(t for t in toks if t not in STOPWORDS) or tuple(toks)
+    lang = lang or detect_language(query)
+    stop = STOPWORDS if lang in ("", "en") else _ALL_FUNCTION_WORDS
+    terms = tuple(t for t in toks if t not in stop) or tuple(toks)
     entities: list[str] = []
     for i, word in enumerate(raw):
         low = toks[i]
@@ -205,7 +496,15 @@ def analyse_query(query: str) -> QueryInfo:
             entities.append(low)
     keys = frozenset(terms) | frozenset(map(_stem, terms))
     prefixes = frozenset(t[:4] for t in terms if len(t) >= 4)
-    return QueryInfo(query, " ".join(toks), terms, tuple(entities), frozenset(toks), keys, prefixes)
+    grams = frozenset(g for t in terms if is_cjk(t) for g in cjk_grams(t))
+    if lang:
+        script = SCRIPT_OF_LANG.get(lang, "latin")
+    else:
+        units, latin = _script_units(query)
+        script = "latin" if latin and latin >= sum(units.values()) else ""
+    qterms = qmd_terms(query)
+    return QueryInfo(query, " ".join(toks), terms, tuple(entities), frozenset(toks), keys, prefixes, grams,
+                     qterms, _qmd_pattern(qterms) if qterms else None, lang, script)
 
 
 def _split(completion: str) -> tuple[str | None, str, list[tuple[str, str]]]:
@@ -231,8 +530,9 @@ def _jaccard(a: set[str], b: set[str]) -> float:
     return len(a & b) / len(a | b) if a and b else 0.0
 
 
-def score_expansion(query: str, completion: str) -> Score:
-    """Scores one completion for one query (see the module docstring for the rubric)."""
+def score_expansion(query: str, completion: str, lang: str | None = None) -> Score:
+    """Scores one completion for one query (see the module docstring for the rubric).  ``lang`` is the query's
+    ISO 639-1 code when known (a row's ``lang`` tag, an eval category); otherwise it is detected from the query."""
     if not isinstance(query, str):
         query = "" if query is None else str(query)
     if not isinstance(completion, str):
@@ -241,7 +541,7 @@ def score_expansion(query: str, completion: str) -> Score:
     if failure:
         return Score(0.0, "Failed", [], hard_failure=failure)
 
-    q = analyse_query(query)
+    q = analyse_query(query, lang)
     lex: list[str] = []
     vec: list[str] = []
     hyde: list[str] = []
@@ -257,11 +557,11 @@ def score_expansion(query: str, completion: str) -> Score:
     if think:
         out.append(("thinking", 20, "non-empty <think> block"))
 
-    # format
+    # format (a missing kind also costs diversity: together more than an Excellent score can lose)
     if not lex:
-        out.append(("format", 10, "no lex line"))
+        out.append(("format", 12, "no lex line"))
     if not vec:
-        out.append(("format", 10, "no vec line"))
+        out.append(("format", 12, "no vec line"))
     if len(lex) > 3:
         out.append(("format", min(6, 2 * (len(lex) - 3)), f"{len(lex)} lex lines (at most 3)"))
     if len(vec) > 3:
@@ -272,6 +572,8 @@ def score_expansion(query: str, completion: str) -> Score:
         out.append(("format", 3, "hyde is not the first line"))
 
     # diversity
+    if not lex or not vec:
+        out.append(("diversity", 10, "only one kind of search line (QMD runs lex and vec searches side by side)"))
     lex_norms = [" ".join(t) for t in lex_toks]
     vec_norms = [" ".join(t) for t in vec_toks]
     norms = lex_norms + vec_norms + ([" ".join(hyde_toks)] if hyde else [])
@@ -297,7 +599,7 @@ def score_expansion(query: str, completion: str) -> Score:
     if not hyde:
         out.append(("hyde", 10, "no hyde passage (dense retrieval gains from one)"))
     else:
-        n = len(hyde[0])
+        n = text_width(hyde[0][:4000])
         if n < HYDE_MIN_CHARS:
             out.append(("hyde", 5, f"hyde is {n} chars (fewer than {HYDE_MIN_CHARS})"))
         elif n > HYDE_MAX_CHARS:
@@ -309,17 +611,23 @@ def score_expansion(query: str, completion: str) -> Score:
                 counts[w] = counts.get(w, 0) + 1
             if max(counts.values()) > 3 or (len(content) >= 8 and len(counts) / len(content) < 0.5):
                 out.append(("hyde", 5, "hyde repeats words"))
-        if q.terms and not q.shares_term(hyde_toks[:400]):
+        if q.terms and hyde_toks and not q.shares_term(hyde_toks[:400]):
             out.append(("hyde", 3, "hyde shares no term with the query"))
 
     # quality
-    long_lex = len([1 for t in lex_toks if len(t) > LEX_MAX_TERMS])
+    plain = completion.isascii()
+    lex_shape = [(len(tk), 0) for tk in lex_toks] if plain else [lex_terms(t[:2000], tk) for t, tk in zip(lex, lex_toks)]
+    long_lex = len([1 for n, _ in lex_shape if n > LEX_MAX_TERMS])
     if long_lex:
         out.append(("quality", min(8, 4 * long_lex), f"{long_lex} lex line(s) over {LEX_MAX_TERMS} terms (FTS5 ANDs them)"))
+    long_chunk = len([1 for n, c in lex_shape if c > LEX_MAX_CJK_CHUNK and n <= LEX_MAX_TERMS])
+    if long_chunk:
+        out.append(("quality", min(8, 4 * long_chunk), f"{long_chunk} lex line(s) with an unspaced CJK chunk over "
+                    f"{LEX_MAX_CJK_CHUNK:g} characters (FTS5 needs the whole chunk as one exact phrase)"))
     wordy = len([1 for t, tk in zip(lex, lex_toks) if t.endswith("?") or (len(tk) > 2 and tk[0] in QUESTION_STARTS)])
     if wordy:
         out.append(("quality", min(4, 2 * wordy), f"{wordy} lex line(s) read as a question, not keywords"))
-    short_vec = len([1 for t in vec_toks if len(t) < 3])
+    short_vec = len([1 for t in vec_toks if len(t) < 3 and _word_count(t) < 3])
     if short_vec:
         out.append(("quality", min(6, 3 * short_vec), f"{short_vec} vec line(s) under 3 words (not natural language)"))
     if lex and vec and sum(map(len, lex)) / len(lex) >= sum(map(len, vec)) / len(vec):
@@ -328,10 +636,20 @@ def score_expansion(query: str, completion: str) -> Score:
         filler = len([1 for t in (lex + vec)[:MAX_LINES_COMPARED] if _has_filler(t[:300])])
         if filler:
             out.append(("quality", min(8, 4 * filler), f"{filler} line(s) with generic filler such as 'search for'"))
+    judged = lex[:MAX_LINES_COMPARED] + vec[:MAX_LINES_COMPARED] + hyde[:1]
+    judged_toks = lex_toks + vec_toks + ([hyde_toks] if hyde else [])
+    qre = q.qmd_re  # qmd_drops() with the query's pattern compiled once
+    dropped = [qre.search(t[:4000].lower()) is None for t in judged] if qre else [False] * len(judged)
+    if any(dropped):
+        n = sum(dropped)
+        out.append(("quality", min(12, 4 * n), f"{n} line(s) without any of the query's terms {list(q.qmd_terms)[:6]} "
+                    "(QMD drops them)"))
     if q.terms:
-        dropped = len([1 for t in lex_toks + vec_toks if not q.shares_term(t[:100])])
-        if dropped:
-            out.append(("quality", min(10, 4 * dropped), f"{dropped} line(s) share no term with the query (QMD drops them)"))
+        off_topic = len([1 for d, t in zip(dropped[:len(lex_toks) + len(vec_toks)], lex_toks + vec_toks)
+                         if not d and not q.shares_term(t[:100])])
+        if off_topic:
+            out.append(("quality", min(6, 2 * off_topic), f"{off_topic} lex/vec line(s) share no content term "
+                        "with the query"))
 
     # entities
     if q.entities and not lex:
@@ -344,6 +662,13 @@ def score_expansion(query: str, completion: str) -> Score:
                 out.append(("entities", 10, f"entity {e!r} missing from every lex line"))
             elif hits < len(lex_sets):
                 out.append(("entities", 2, f"entity {e!r} missing from {len(lex_sets) - hits} lex line(s)"))
+    lost_entities = bool(q.entities) and not any(e in t for t in judged_toks for e in q.entities)
+
+    # language: every judged line is compared with the query's language or script
+    if q.script == "latin" and q.lang not in LATIN_LANGS and (plain or not _OTHER_SCRIPT.search(completion[:20000])):
+        in_lang = [True] * len(judged)  # nothing to compare: a Latin-script query without a told language
+    else:
+        in_lang = lines_in_language([_line_in_language(t[:2000], tk, q) for t, tk in zip(judged, judged_toks)])
 
     taken = dict.fromkeys(MAX_POINTS, 0.0)
     for name, points, _ in out:
@@ -351,10 +676,21 @@ def score_expansion(query: str, completion: str) -> Score:
     total = sum(max(0.0, MAX_POINTS[n] - t) for n, t in taken.items()) if out else TOTAL_POINTS
     score = min(1.0, total / TOTAL_POINTS)
     notes = []
+    off = len(in_lang) - sum(in_lang)
+    if off:
+        factor = 1 - LANGUAGE_WEIGHT * off / len(in_lang)
+        notes.append(f"language: {off} of {len(in_lang)} line(s) not in the query's language "
+                     f"({q.lang or q.script}), score x{factor:.2f}")
+        score *= factor
+    if lost_entities:
+        notes.append(f"entity cap: no line keeps any of the query's entities {list(q.entities)}, "
+                     f"score capped at {ENTITY_CAP}")
+        score = min(score, ENTITY_CAP)
     if echoes * 2 > len(norms):
         notes.append(f"echo cap: most lines repeat the query, score capped at {ECHO_CAP}")
         score = min(score, ECHO_CAP)
-    return Score(score, rating_for(score), out, notes=notes)
+    return Score(score, rating_for(score), out, notes=notes, lang=q.lang, lines_judged=len(in_lang),
+                 lines_in_language=sum(in_lang))
 
 
 def _completion_text(completion) -> str:
@@ -368,11 +704,15 @@ def _completion_text(completion) -> str:
     return "" if completion is None else str(completion)
 
 
-def grpo_reward(completions: list, query: list[str] | None = None, **kwargs) -> list[float]:
-    """TRL reward function: ``GRPOTrainer(reward_funcs=[grpo_reward])`` with a ``query`` column in the dataset."""
+def grpo_reward(completions: list, query: list[str] | None = None, lang: list[str] | None = None,
+                **kwargs) -> list[float]:
+    """TRL reward function: ``GRPOTrainer(reward_funcs=[grpo_reward])`` with a ``query`` column in the dataset
+    (and optionally ``lang``: the rows' ISO 639-1 tags, "" where untagged)."""
     if query is None:
         raise ValueError("grpo_reward needs the dataset's 'query' column (TRL passes extra columns as keywords)")
-    return [score_expansion(q, _completion_text(c)).score for q, c in zip(query, completions)]
+    langs = lang if lang is not None else [None] * len(query)
+    return [score_expansion(q, _completion_text(c), lg or None).score
+            for q, c, lg in zip(query, completions, langs)]
 
 
 grpo_reward.__name__ = "qmd_expansion_reward"
