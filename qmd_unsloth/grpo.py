@@ -2,7 +2,7 @@
 
     python -m qmd_unsloth.grpo --config configs/grpo.yaml [--resume] [--dry-run] [--key value ...]
 
-Prompts are rendered by qmd_unsloth.prompt exactly as in SFT and serving; the reward receives the ``query`` column.
+Prompts are rendered by qmd_unsloth.prompt exactly as in SFT and serving; the reward receives the ``query`` and ``lang`` columns.
 Generation goes through vLLM (Unsloth ``fast_inference``) when vLLM is installed, plain generate otherwise.
 """
 
@@ -27,14 +27,15 @@ def use_vllm(cfg: GRPOConfig, backend: str) -> bool:
 
 
 def prompt_dataset(cfg: GRPOConfig, tokenizer, run: Path):
-    """Training queries rendered with the model's template: columns ``prompt`` (text) and ``query``."""
+    """Training queries rendered with the model's template: columns ``prompt`` (text), ``query`` and ``lang`` (the
+    reward reads both)."""
     from datasets import load_dataset
 
     from .data import prepare
 
     prepare(run / "data", cfg.data, cfg.seed, cfg.val_fraction, chat_template=tokenizer.chat_template)
     ds = load_dataset("json", data_files={"train": str(run / "data" / "train.jsonl")})["train"]
-    return ds.remove_columns([c for c in ds.column_names if c not in ("prompt", "query")])
+    return ds.remove_columns([c for c in ds.column_names if c not in ("prompt", "query", "lang")])
 
 
 def build_trainer(cfg: GRPOConfig, run: Path):
