@@ -59,6 +59,7 @@ _HANGUL = "\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7af\ud7b0-\ud7ff\uff
 _CJK = _HAN + _KANA + _HANGUL
 _CJK_CHAR = re.compile(f"[{_CJK}]")
 _OTHER_SCRIPT = re.compile(f"[\u0370-\u052f\u0590-\u077f\u0900-\u097f\u0e00-\u0e7f{_CJK}]")  # letters of non-Latin scripts
+_CODE = re.compile(r"`[^`]*`|\{[^{}]*\}")
 _QUOTED = re.compile(r'"[^"]*"|\u201c[^\u201d]*\u201d')
 _CJK_OR_NOT = re.compile(f"[{_CJK}]+|[^{_CJK}]+")
 _NOT_WORD_EDGE = "./'-"
@@ -111,8 +112,8 @@ _FUNCTION_WORDS = {
     "fr": "le la les des du un une et est sont pour dans avec sur qui que quoi comment pourquoi quand où ce cette ces "
           "mon ma mes pas au aux par ne sans entre quel quelle quels quelles je il elle nous vous leur son sa ses en "
           "mais on",
-    "es": "el los las del y es son para con por qué que cómo como cuál cuáles cuando cuándo dónde donde una un mi mis "
-          "sin entre se lo al está están en hay más su sus tu muy no",
+    "es": "el la los las del y e es son para con por qué que cómo como cuál cuáles cuando cuándo dónde donde una un mi "
+          "mis sin entre se lo al está están en hay más su sus tu muy no",
     "pt": "o os as do da dos das e é são para com por que como um uma no na nos nas não em ao aos meu minha qual "
           "quais quando onde sem entre se mais seu sua você está estão mas",
 }
@@ -200,6 +201,8 @@ def latin_language(words: list[str]) -> str:
             found: set[str] = set()
             for ch in w:
                 found.update(_DIACRITIC_VOTES.get(ch, ()))
+            if w.endswith(("ción", "ciones")):
+                found = {"es"}  # Portuguese writes -ção
             langs = tuple(found)
         for lang in langs:
             votes[lang] = votes.get(lang, 0) + 1
@@ -210,12 +213,14 @@ def latin_language(words: list[str]) -> str:
     return best if n1 >= 2 and sum(1 for v in votes.values() if v == n1) == 1 else ""
 
 
-def _script_units(text: str, own: frozenset[str] = frozenset()) -> tuple[dict[str, int], int]:
+def _script_units(text: str, own: frozenset[str] = frozenset(), names: bool = False) -> tuple[dict[str, int], int]:
     """(units per non-Latin script, Latin words) of a text: a CJK character or a word of another script is one
-    unit; identifiers (digits, ``._/+#``, CamelCase, acronyms), capitalised names after the first word and the
-    query's own words (``own``) do not count."""
+    unit; identifiers (digits, ``._/+#``, CamelCase, acronyms), capitalised names after the first word (any
+    capitalised word with ``names``: a Latin word starting a Chinese or Russian line is a name) and the query's own
+    words (``own``) do not count."""
     units: dict[str, int] = {}
     latin = 0
+    first = 0 if names else 1
     raw = _TOKEN.findall(text[:2000])
     if not text.isascii():
         raw = _split_cjk(raw)
@@ -223,7 +228,7 @@ def _script_units(text: str, own: frozenset[str] = frozenset()) -> tuple[dict[st
         script = _char_script(t[0])
         if script == "latin":
             if (any(c.isdigit() or c in "._/+#" for c in t) or t[1:] != t[1:].lower()
-                    or (i and t[0].isupper()) or t.lower() in own):
+                    or ((i or not first) and t[0].isupper()) or t.lower() in own):
                 continue
             latin += 1
         elif script in ("han", "kana", "hangul"):
@@ -258,19 +263,23 @@ def language_of(query: str, lang: str | None = None) -> str:
 
 def _line_in_language(text: str, toks: list[str], q: "QueryInfo") -> bool | None:
     """Whether an expansion line is written in the query's language: True, False, or None when it cannot be told
-    (a keyword line in a Latin-script language, a line of identifiers, names and numbers only)."""
+    (a keyword line in a Latin-script language, a line of identifiers, names and numbers only).  Code in backticks
+    or braces is not language."""
+    if "`" in text or "{" in text:
+        text = _CODE.sub(" ", text)
+        toks = tokens(text)
     if q.script == "latin":
         if not text.isascii() and _OTHER_SCRIPT.search(text):
             units, latin = _script_units(text, q.token_set)
             if sum(units.values()) > latin:
                 return False  # another script dominates
         if q.lang in LATIN_LANGS:
-            found = latin_language(toks)
+            found = latin_language(toks if text.islower() else [t.lower() for t in _TOKEN.findall(text) if not t.isupper()])
             return (found == q.lang) if found else None
         return True
     if not q.script:
         return True  # a query of identifiers or numbers only: nothing to compare
-    units, latin = _script_units(text, q.token_set)
+    units, latin = _script_units(text, q.token_set, names=True)
     own = units.get(q.script, 0)
     if q.script in ("kana", "hangul"):
         own += units.get("han", 0)  # kanji in Japanese, hanja in Korean
