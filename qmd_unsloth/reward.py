@@ -109,12 +109,12 @@ _FUNCTION_WORDS = {
     "de": "der die das den dem des und ist sind nicht wie warum wo wann welche welcher welches ein eine einen einem "
           "einer mit für von zu zum zur auf im bei beim oder ich mein meine meinen wird werden kann können sich nach "
           "über unter auch aus ohne gegen wenn dass es",
-    "fr": "le la les des du un une et est sont pour dans avec sur qui que quoi comment pourquoi quand où ce cette ces "
+    "fr": "de le la les des du un une et est sont pour dans avec sur qui que quoi comment pourquoi quand où ce cette ces "
           "mon ma mes pas au aux par ne sans entre quel quelle quels quelles je il elle nous vous leur son sa ses en "
           "mais on",
-    "es": "el la los las del y e es son para con por qué que cómo como cuál cuáles cuando cuándo dónde donde una un mi "
+    "es": "de el la los las del y e es son para con por qué que cómo como cuál cuáles cuando cuándo dónde donde una un mi "
           "mis sin entre se lo al está están en hay más su sus tu muy no",
-    "pt": "o os as do da dos das e é são para com por que como um uma no na nos nas não em ao aos meu minha qual "
+    "pt": "de o os as do da dos das e é são para com por que como um uma no na nos nas não em ao aos meu minha qual "
           "quais quando onde sem entre se mais seu sua você está estão mas",
 }
 _LATIN_VOTES: dict[str, tuple[str, ...]] = {}
@@ -493,13 +493,14 @@ def _analyse_query(query: str, lang: str | None) -> QueryInfo:
     entities: list[str] = []
     for i, word in enumerate(raw):
         low = toks[i]
-        if low in STOPWORDS or low in QUESTION_STARTS:
+        if low in stop or low in QUESTION_STARTS:
             continue
         is_entity = bool(
             _ACRONYM.match(word)
             or _CAMEL.search(word)
             or _TECH.search(word.rstrip("."))
-            or (word[0].isupper() and (i > 0 or not _SENTENCE_START.search(low)))  # proper noun
+            # a proper noun (German capitalises every noun: there capitals say nothing)
+            or (lang != "de" and word[0].isupper() and (i > 0 or not _SENTENCE_START.search(low)))
         )
         if is_entity and low not in entities:
             entities.append(low)
@@ -613,7 +614,8 @@ def score_expansion(query: str, completion: str, lang: str | None = None) -> Sco
             out.append(("hyde", 5, f"hyde is {n} chars (fewer than {HYDE_MIN_CHARS})"))
         elif n > HYDE_MAX_CHARS:
             out.append(("hyde", 5 if n <= 2 * HYDE_MAX_CHARS else 8, f"hyde is {n} chars (more than {HYDE_MAX_CHARS})"))
-        content = [w for w in hyde_toks if w not in STOPWORDS]
+        stop = STOPWORDS if q.lang in ("", "en") else _ALL_FUNCTION_WORDS
+        content = [w for w in hyde_toks if w not in stop and len(w) > 1 and not w.isdigit()]
         if content:
             counts: dict[str, int] = {}
             for w in content:
@@ -639,7 +641,8 @@ def score_expansion(query: str, completion: str, lang: str | None = None) -> Sco
     short_vec = len([1 for t in vec_toks if len(t) < 3 and _word_count(t) < 3])
     if short_vec:
         out.append(("quality", min(6, 3 * short_vec), f"{short_vec} vec line(s) under 3 words (not natural language)"))
-    if lex and vec and sum(map(len, lex)) / len(lex) >= sum(map(len, vec)) / len(vec):
+    size = len if plain else (lambda t: text_width(t.replace(" ", "")))  # CJK lex lines are spaced, vec lines not
+    if lex and vec and sum(map(size, lex)) / len(lex) >= sum(map(size, vec)) / len(vec):
         out.append(("quality", 3, "lex lines are not shorter than vec lines"))
     if _has_filler(completion[:20000]):
         filler = len([1 for t in (lex + vec)[:MAX_LINES_COMPARED] if _has_filler(t[:300])])
