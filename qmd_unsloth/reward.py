@@ -761,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     ap = argparse.ArgumentParser(prog="python -m qmd_unsloth.reward", description=__doc__.split("\n\n")[0])
-    ap.add_argument("files", nargs="*", help='JSONL files of {"query": ..., "completion": ...} rows')
+    ap.add_argument("files", nargs="*", help='JSONL files of {"query": ..., "completion": ...} rows (optional "lang")')
     ap.add_argument("--selftest", action="store_true", help="print worked examples")
     ap.add_argument("--verbose", "-v", action="store_true", help="print every row's score and reasons")
     args = ap.parse_args(argv)
@@ -795,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"{path}:{lineno}: need a JSON object with 'query' and 'completion' ({e})", file=sys.stderr)
                         bad += 1
                         continue
-                    s = score_expansion(query, completion)
+                    s = score_expansion(query, completion, row.get("lang") or None)
                     scores.append(s)
                     if args.verbose:
                         print(f"{path}:{lineno}: {s.score:.3f} {s.rating} {query!r}")

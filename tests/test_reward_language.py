@@ -256,3 +256,23 @@ def test_grpo_reward_takes_the_lang_column():
     query, _, english = CASES["de"]
     tagged, untagged = grpo_reward([english, english], query=[query, query], lang=["de", ""])
     assert tagged < 0.31 < untagged
+
+
+@pytest.mark.parametrize("query, lang, line", [
+    # SQL in backticks is code, not English
+    ("mysql exportar tabla csv", "es", "`SELECT * FROM clientes INTO OUTFILE '/tmp/c.csv' FIELDS TERMINATED BY ','` "
+                                       "exporta la tabla en MySQL"),
+    ("festivos Madrid", "es", "calendario laboral de festivos en la Comunidad de Madrid"),  # not French
+    ("finiquito despido", "es", "diferencia entre finiquito e indemnización por despido"),  # not Portuguese
+    ("nginx редирект на https", "ru", "Редирект в nginx: server { listen 80; return 301 https://$host$request_uri; }"),
+    ("docker контейнер не запускается", "ru", "Docker logs контейнер"),  # a capitalised Latin word is a name
+])
+def test_real_lines_are_not_false_positives(query, lang, line):
+    s = score_expansion(query, f"lex: {query}\nvec: {line}", lang)
+    assert s.lines_in_language == s.lines_judged == 2, s.reasons
+
+
+def test_german_capitalised_nouns_are_not_entities():
+    assert analyse_query("Umzug Checkliste Nachsendeauftrag", "de").entities == ()
+    assert analyse_query("Umzug Checkliste Nachsendeauftrag").entities == ("umzug", "checkliste", "nachsendeauftrag")
+    assert analyse_query("Fehler 0x80070005 Windows Update", "de").entities == ("0x80070005",)
