@@ -58,11 +58,14 @@ _KANA = "\u3041-\u309f\u30a0-\u30ff\u31f0-\u31ff\uff66-\uff9f"
 _HANGUL = "\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7af\ud7b0-\ud7ff\uffa0-\uffdc"
 _CJK = _HAN + _KANA + _HANGUL
 _CJK_CHAR = re.compile(f"[{_CJK}]")
+_CJK_EDGE = re.compile(f"(?<=[{_CJK}])(?![{_CJK}])|(?<![{_CJK}])(?=[{_CJK}])")  # where a CJK run starts or ends
+_KANA_RE = re.compile(f"[{_KANA}]")
+_HANGUL_RE = re.compile(f"[{_HANGUL}]")
+_IDENTIFIER = re.compile(r"[\d._/+#]")
 _OTHER_SCRIPT = re.compile(f"[\u0370-\u052f\u0590-\u077f\u0900-\u097f\u0e00-\u0e7f{_CJK}]")  # letters of non-Latin scripts
 _CODE = re.compile(r"`[^`]*`|\{[^{}]*\}")
 _QUOTED = re.compile(r'"[^"]*"|\u201c[^\u201d]*\u201d')
 _CJK_OR_NOT = re.compile(f"[{_CJK}]+|[^{_CJK}]+")
-_NOT_WORD_EDGE = "./'-"
 # QMD's drop rule (src/llm.ts expandQuery): the query lowercased, every character but [a-z0-9] and JavaScript's \s
 # replaced by a space, split on \s.
 _JS_SPACE = "\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
@@ -88,7 +91,10 @@ FILLER = (
 
 def _has_filler(text: str) -> bool:
     low = text.lower()
-    return any(f in low for f in FILLER)
+    for f in FILLER:  # a plain loop of substring tests is the fastest form in CPython
+        if f in low:
+            return True
+    return False
 
 
 # --- languages and scripts -------------------------------------------------------------------------------------------
@@ -162,18 +168,12 @@ def _char_script(ch: str) -> str:
     return "other"
 
 
-def _split_cjk(toks: list[str]) -> list[str]:
-    """CJK runs become tokens of their own: ``docker容器`` -> ``docker``, ``容器`` (QMD's index splits them too)."""
-    out = []
-    for t in toks:
-        if t.isascii() or not _CJK_CHAR.search(t):
-            out.append(t)
-            continue
-        for piece in _CJK_OR_NOT.findall(t):
-            piece = piece.strip(_NOT_WORD_EDGE)
-            if piece:
-                out.append(piece)
-    return out
+def _words(text: str) -> list[str]:
+    """Word tokens of a text (case kept).  A CJK run (Han, kana, Hangul) is a token of its own, split from letters
+    next to it (``Docker容器`` -> ``Docker``, ``容器``): the runs are spaced out first, as QMD's index does."""
+    if not text.isascii() and _CJK_CHAR.search(text):
+        text = _CJK_EDGE.sub(" ", text)
+    return _TOKEN.findall(text)
 
 
 def _word_count(toks: list[str]) -> int:
@@ -213,7 +213,8 @@ def latin_language(words: list[str]) -> str:
     return best if n1 >= 2 and sum(1 for v in votes.values() if v == n1) == 1 else ""
 
 
-def _script_units(text: str, own: frozenset[str] = frozenset(), names: bool = False) -> tuple[dict[str, int], int]:
+def _script_units(text: str, own: frozenset[str] = frozenset(), names: bool = False,
+                  raw: list[str] | None = None) -> tuple[dict[str, int], int]:
     """(units per non-Latin script, Latin words) of a text: a CJK character or a word of another script is one
     unit; identifiers (digits, ``._/+#``, CamelCase, acronyms), capitalised names after the first word (any
     capitalised word with ``names``: a Latin word starting a Chinese or Russian line is a name) and the query's own
@@ -221,20 +222,21 @@ def _script_units(text: str, own: frozenset[str] = frozenset(), names: bool = Fa
     units: dict[str, int] = {}
     latin = 0
     first = 0 if names else 1
-    raw = _TOKEN.findall(text[:2000])
-    if not text.isascii():
-        raw = _split_cjk(raw)
+    if raw is None:
+        raw = _words(text[:2000])
     for i, t in enumerate(raw):
         script = _char_script(t[0])
         if script == "latin":
-            if (any(c.isdigit() or c in "._/+#" for c in t) or t[1:] != t[1:].lower()
+            if (_IDENTIFIER.search(t) or t[1:] != t[1:].lower()
                     or ((i or not first) and t[0].isupper()) or t.lower() in own):
                 continue
             latin += 1
         elif script in ("han", "kana", "hangul"):
-            for ch in t:
-                sc = _char_script(ch)
-                units[sc] = units.get(sc, 0) + 1
+            kana = len(_KANA_RE.findall(t))
+            hangul = len(_HANGUL_RE.findall(t))
+            for sc, n in (("kana", kana), ("hangul", hangul), ("han", len(t) - kana - hangul)):
+                if n:
+                    units[sc] = units.get(sc, 0) + n
         else:
             units[script] = units.get(script, 0) + 1
     return units, latin
@@ -261,25 +263,26 @@ def language_of(query: str, lang: str | None = None) -> str:
     return lang or detect_language(query) or "en"
 
 
-def _line_in_language(text: str, toks: list[str], q: "QueryInfo") -> bool | None:
+def _line_in_language(text: str, toks: list[str], q: "QueryInfo", raw: list[str] | None = None) -> bool | None:
     """Whether an expansion line is written in the query's language: True, False, or None when it cannot be told
     (a keyword line in a Latin-script language, a line of identifiers, names and numbers only).  Code in backticks
     or braces is not language."""
     if "`" in text or "{" in text:
         text = _CODE.sub(" ", text)
-        toks = tokens(text)
+        raw = _words(text)
+        toks = [t.lower() for t in raw]
     if q.script == "latin":
         if not text.isascii() and _OTHER_SCRIPT.search(text):
-            units, latin = _script_units(text, q.token_set)
+            units, latin = _script_units(text, q.token_set, raw=raw)
             if sum(units.values()) > latin:
                 return False  # another script dominates
         if q.lang in LATIN_LANGS:
-            found = latin_language(toks if text.islower() else [t.lower() for t in _TOKEN.findall(text) if not t.isupper()])
+            found = latin_language(toks)
             return (found == q.lang) if found else None
         return True
     if not q.script:
         return True  # a query of identifiers or numbers only: nothing to compare
-    units, latin = _script_units(text, q.token_set, names=True)
+    units, latin = _script_units(text, q.token_set, names=True, raw=raw)
     own = units.get(q.script, 0)
     if q.script in ("kana", "hangul"):
         own += units.get("han", 0)  # kanji in Japanese, hanja in Korean
@@ -360,8 +363,7 @@ def rating_for(score: float) -> str:
 def tokens(text: str) -> list[str]:
     """Lowercased word tokens; technical tokens (node.js, c++, ci/cd) stay whole, quotes and punctuation go; a CJK
     run (Han, kana, Hangul) is a token of its own, split from Latin letters next to it."""
-    toks = _TOKEN.findall(text.lower())
-    return toks if text.isascii() else _split_cjk(toks)
+    return _words(text.lower())
 
 
 def qmd_terms(query: str) -> tuple[str, ...]:
@@ -372,12 +374,22 @@ def qmd_terms(query: str) -> tuple[str, ...]:
 def qmd_drops(text: str, terms: tuple[str, ...]) -> bool:
     """QMD's rule (src/llm.ts): a line is dropped unless its lowercased text contains one of the query's terms
     (as a substring); with no terms (a query without a-z/0-9, such as pure CJK or Cyrillic) nothing is dropped."""
-    return bool(terms) and _qmd_pattern(terms).search(text.lower()) is None
+    return _qmd_dropped([text.lower()], terms)[0]
 
 
-@lru_cache(maxsize=4096)
-def _qmd_pattern(terms: tuple[str, ...]) -> re.Pattern:
-    return re.compile("|".join(map(re.escape, sorted(set(terms), key=len))))
+def _qmd_dropped(lows: list[str], terms: tuple[str, ...]) -> list[bool]:
+    """qmd_drops() for lines already lowercased (a plain loop of substring tests: the fastest form in CPython)."""
+    if not terms:
+        return [False] * len(lows)
+    out = []
+    for low in lows:
+        for t in terms:
+            if t in low:
+                out.append(False)
+                break
+        else:
+            out.append(True)
+    return out
 
 
 def lex_terms(text: str, toks: list[str]) -> tuple[int, int]:
@@ -455,9 +467,9 @@ class QueryInfo:
     prefixes: frozenset[str] = frozenset()  # 4-letter prefixes of terms of 4+ letters
     grams: frozenset[str] = frozenset()  # character bigrams of the query's CJK runs
     qmd_terms: tuple[str, ...] = ()  # QMD's terms for its drop rule (qmd_terms())
-    qmd_re: re.Pattern | None = None  # those terms as one pattern (see qmd_drops)
     lang: str = ""  # ISO 639-1 code: the row's tag, else detected ("" when it cannot tell)
     script: str = ""  # the script lines must be written in ("latin", "han", "kana", ...; "" for identifiers only)
+    close_terms: tuple[str, ...] = ()  # terms of 5+ letters (not CJK) matched up to a typo
 
     def shares_term(self, line_toks: list[str]) -> bool:
         """True when a line has a token close to a query term: same stem, same 4-letter prefix, a typo apart, or
@@ -470,22 +482,21 @@ class QueryInfo:
                 return True
             if grams and is_cjk(t) and any(g in grams for g in cjk_grams(t)):
                 return True
-        return any(_close(t, q) for q in self.terms if len(q) >= 5 and not is_cjk(q)
-                   for t in line_toks if len(t) >= 5 and not is_cjk(t))
+        return any(_close(t, q) for q in self.close_terms for t in line_toks if len(t) >= 5)
 
 
 def analyse_query(query: str, lang: str | None = None) -> QueryInfo:
-    if not isinstance(lang, str) or len(lang) != 2:
+    if lang is None:
+        return _analyse_query(query, None)
+    if not isinstance(lang, str) or len(lang) != 2 or not lang.isalpha():
         lang = None  # ignore an empty or malformed tag (data.py validates tags)
-    return _analyse_query(query, lang)
+    return _analyse_query(query, lang and lang.lower())
 
 
 @lru_cache(maxsize=4096)
 def _analyse_query(query: str, lang: str | None) -> QueryInfo:
     query = query[:2000]
-    raw = _TOKEN.findall(query)
-    if not query.isascii():
-        raw = _split_cjk(raw)
+    raw = _words(query)
     toks = [t.lower() for t in raw]
     lang = lang or detect_language(query)
     stop = STOPWORDS if lang in ("", "en") else _ALL_FUNCTION_WORDS
@@ -514,7 +525,8 @@ def _analyse_query(query: str, lang: str | None) -> QueryInfo:
         script = "latin" if latin and latin >= sum(units.values()) else ""
     qterms = qmd_terms(query)
     return QueryInfo(query, " ".join(toks), terms, tuple(entities), frozenset(toks), keys, prefixes, grams,
-                     qterms, _qmd_pattern(qterms) if qterms else None, lang, script)
+                     qterms, lang, script,
+                     tuple(t for t in terms if len(t) >= 5 and not is_cjk(t)))
 
 
 def _split(completion: str) -> tuple[str | None, str, list[tuple[str, str]]]:
@@ -558,9 +570,22 @@ def score_expansion(query: str, completion: str, lang: str | None = None) -> Sco
     lists = {"lex": lex, "vec": vec, "hyde": hyde}
     for kind, text in parsed:
         lists[kind].append(text)
-    lex_toks = [tokens(t[:2000]) for t in lex[:MAX_LINES_COMPARED]]
-    vec_toks = [tokens(t[:2000]) for t in vec[:MAX_LINES_COMPARED]]
-    hyde_toks = tokens(hyde[0][:4000]) if hyde else []
+    judged = lex[:MAX_LINES_COMPARED] + vec[:MAX_LINES_COMPARED] + hyde[:1]  # the lines every per-line rule reads
+    lows = [t[:4000].lower() for t in judged]  # lowercased once: for tokens and for QMD's drop rule
+    n_lex = min(len(lex), MAX_LINES_COMPARED)
+    if completion.isascii():
+        raw_toks = None
+        judged_toks = [_words(low[:2000]) for low in (lows[:-1] if hyde else lows)]  # tokens() of lowercased text
+        if hyde:
+            judged_toks.append(_words(lows[-1]))
+    else:  # tokens with their case too, for the language rule (names, acronyms)
+        raw_toks = [_words(t[:2000]) for t in (judged[:-1] if hyde else judged)]
+        if hyde:
+            raw_toks.append(_words(judged[-1][:4000]))
+        judged_toks = [[w.lower() for w in r] for r in raw_toks]
+    hyde_toks = judged_toks[-1] if hyde else []
+    lex_toks = judged_toks[:n_lex]
+    vec_toks = judged_toks[n_lex:n_lex + min(len(vec), MAX_LINES_COMPARED)]
     out: list[tuple[str, float, str]] = []  # (dimension, points taken, reason)
 
     # thinking
@@ -595,10 +620,11 @@ def score_expansion(query: str, completion: str, lang: str | None = None) -> Sco
         out.append(("diversity", min(10, 4 * dupes), f"{dupes} duplicated line(s)"))
     if len(vec_toks) > 1:
         vec_sets = [set(t) for t in vec_toks]
-        near = sum(
-            1 for i in range(len(vec_sets)) for j in range(i + 1, len(vec_sets))
-            if vec_sets[i] != vec_sets[j] and _jaccard(vec_sets[i], vec_sets[j]) >= 0.8
-        )
+        near = 0
+        for i, a in enumerate(vec_sets):
+            for b in vec_sets[i + 1:]:
+                if a != b and _jaccard(a, b) >= 0.8:
+                    near += 1
         if near:
             out.append(("diversity", min(6, 3 * near), f"{near} pair(s) of nearly identical vec lines"))
     reordered = len([1 for t, n in zip(vec_toks, vec_norms) if n != q.norm and set(t) == q.token_set])
@@ -615,7 +641,9 @@ def score_expansion(query: str, completion: str, lang: str | None = None) -> Sco
         elif n > HYDE_MAX_CHARS:
             out.append(("hyde", 5 if n <= 2 * HYDE_MAX_CHARS else 8, f"hyde is {n} chars (more than {HYDE_MAX_CHARS})"))
         stop = STOPWORDS if q.lang in ("", "en") else _ALL_FUNCTION_WORDS
-        content = [w for w in hyde_toks if w not in stop and len(w) > 1 and not w.isdigit()]
+        content = [w for w in hyde_toks if w not in stop]
+        if not hyde[0].isascii():  # CJK text: numbers and one-character runs (年, 月) are not words
+            content = [w for w in content if len(w) > 1 and not w.isdigit()]
         if content:
             counts: dict[str, int] = {}
             for w in content:
@@ -627,11 +655,14 @@ def score_expansion(query: str, completion: str, lang: str | None = None) -> Sco
 
     # quality
     plain = completion.isascii()
-    lex_shape = [(len(tk), 0) for tk in lex_toks] if plain else [lex_terms(t[:2000], tk) for t, tk in zip(lex, lex_toks)]
-    long_lex = len([1 for n, _ in lex_shape if n > LEX_MAX_TERMS])
+    if plain:
+        long_lex, long_chunk = len([1 for tk in lex_toks if len(tk) > LEX_MAX_TERMS]), 0
+    else:
+        lex_shape = [lex_terms(t[:2000], tk) for t, tk in zip(lex, lex_toks)]
+        long_lex = len([1 for n, _ in lex_shape if n > LEX_MAX_TERMS])
+        long_chunk = len([1 for n, c in lex_shape if c > LEX_MAX_CJK_CHUNK and n <= LEX_MAX_TERMS])
     if long_lex:
         out.append(("quality", min(8, 4 * long_lex), f"{long_lex} lex line(s) over {LEX_MAX_TERMS} terms (FTS5 ANDs them)"))
-    long_chunk = len([1 for n, c in lex_shape if c > LEX_MAX_CJK_CHUNK and n <= LEX_MAX_TERMS])
     if long_chunk:
         out.append(("quality", min(8, 4 * long_chunk), f"{long_chunk} lex line(s) with an unspaced CJK chunk over "
                     f"{LEX_MAX_CJK_CHUNK:g} characters (FTS5 needs the whole chunk as one exact phrase)"))
@@ -648,10 +679,7 @@ def score_expansion(query: str, completion: str, lang: str | None = None) -> Sco
         filler = len([1 for t in (lex + vec)[:MAX_LINES_COMPARED] if _has_filler(t[:300])])
         if filler:
             out.append(("quality", min(8, 4 * filler), f"{filler} line(s) with generic filler such as 'search for'"))
-    judged = lex[:MAX_LINES_COMPARED] + vec[:MAX_LINES_COMPARED] + hyde[:1]
-    judged_toks = lex_toks + vec_toks + ([hyde_toks] if hyde else [])
-    qre = q.qmd_re  # qmd_drops() with the query's pattern compiled once
-    dropped = [qre.search(t[:4000].lower()) is None for t in judged] if qre else [False] * len(judged)
+    dropped = _qmd_dropped(lows, q.qmd_terms)
     if any(dropped):
         n = sum(dropped)
         out.append(("quality", min(12, 4 * n), f"{n} line(s) without any of the query's terms {list(q.qmd_terms)[:6]} "
@@ -664,6 +692,7 @@ def score_expansion(query: str, completion: str, lang: str | None = None) -> Sco
                         "with the query"))
 
     # entities
+    in_lex = not q.entities  # some entity of the query is in some lex line
     if q.entities and not lex:
         out.append(("entities", 10, "no lex line to carry the query's entities"))
     elif q.entities:
@@ -672,15 +701,20 @@ def score_expansion(query: str, completion: str, lang: str | None = None) -> Sco
             hits = len([1 for ls in lex_sets if e in ls])
             if hits == 0:
                 out.append(("entities", 10, f"entity {e!r} missing from every lex line"))
-            elif hits < len(lex_sets):
-                out.append(("entities", 2, f"entity {e!r} missing from {len(lex_sets) - hits} lex line(s)"))
-    lost_entities = bool(q.entities) and not any(e in t for t in judged_toks for e in q.entities)
+            else:
+                in_lex = True
+                if hits < len(lex_sets):
+                    out.append(("entities", 2, f"entity {e!r} missing from {len(lex_sets) - hits} lex line(s)"))
+    lost_entities = not in_lex and not any(e in t for t in judged_toks for e in q.entities)
 
     # language: every judged line is compared with the query's language or script
     if q.script == "latin" and q.lang not in LATIN_LANGS and (plain or not _OTHER_SCRIPT.search(completion[:20000])):
-        in_lang = [True] * len(judged)  # nothing to compare: a Latin-script query without a told language
+        in_lang = None  # nothing to compare: a Latin-script query without a told language, Latin-script lines
+        off = 0
     else:
-        in_lang = lines_in_language([_line_in_language(t[:2000], tk, q) for t, tk in zip(judged, judged_toks)])
+        in_lang = lines_in_language([_line_in_language(t[:2000], tk, q, r) for t, tk, r
+                                     in zip(judged, judged_toks, raw_toks or [None] * len(judged))])
+        off = len(in_lang) - sum(in_lang)
 
     taken = dict.fromkeys(MAX_POINTS, 0.0)
     for name, points, _ in out:
@@ -688,10 +722,9 @@ def score_expansion(query: str, completion: str, lang: str | None = None) -> Sco
     total = sum(max(0.0, MAX_POINTS[n] - t) for n, t in taken.items()) if out else TOTAL_POINTS
     score = min(1.0, total / TOTAL_POINTS)
     notes = []
-    off = len(in_lang) - sum(in_lang)
     if off:
-        factor = 1 - LANGUAGE_WEIGHT * off / len(in_lang)
-        notes.append(f"language: {off} of {len(in_lang)} line(s) not in the query's language "
+        factor = 1 - LANGUAGE_WEIGHT * off / len(judged)
+        notes.append(f"language: {off} of {len(judged)} line(s) not in the query's language "
                      f"({q.lang or q.script}), score x{factor:.2f}")
         score *= factor
     if lost_entities:
@@ -701,8 +734,8 @@ def score_expansion(query: str, completion: str, lang: str | None = None) -> Sco
     if echoes * 2 > len(norms):
         notes.append(f"echo cap: most lines repeat the query, score capped at {ECHO_CAP}")
         score = min(score, ECHO_CAP)
-    return Score(score, rating_for(score), out, notes=notes, lang=q.lang, lines_judged=len(in_lang),
-                 lines_in_language=sum(in_lang))
+    return Score(score, rating_for(score), out, notes=notes, lang=q.lang, lines_judged=len(judged),
+                 lines_in_language=len(judged) - off)
 
 
 def _completion_text(completion) -> str:
