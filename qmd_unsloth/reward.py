@@ -59,9 +59,15 @@ _HANGUL = "\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7af\ud7b0-\ud7ff\uff
 _CJK = _HAN + _KANA + _HANGUL
 _CJK_CHAR = re.compile(f"[{_CJK}]")
 _CJK_EDGE = re.compile(f"(?<=[{_CJK}])(?![{_CJK}])|(?<![{_CJK}])(?=[{_CJK}])")  # where a CJK run starts or ends
-_KANA_RE = re.compile(f"[{_KANA}]")
-_HANGUL_RE = re.compile(f"[{_HANGUL}]")
-_IDENTIFIER = re.compile(r"[\d._/+#]")
+_LOWER = "a-z\u00df-\u00f6\u00f8-\u00ff\u0100-\u024f\u1e00-\u1eff"
+_ALNUM = "A-Za-z0-9_\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u00ff\u0100-\u024f\u1e00-\u1eff"
+_LATIN_END = f"(?![{_ALNUM}+#]|[./'-][{_ALNUM}])"  # where a token of _TOKEN would end
+# A Latin word that is no identifier: lowercase letters (inner ' and - allowed), nothing glued to it but CJK.
+_PLAIN_LATIN = re.compile(f"(?<![{_ALNUM}+#])(?<![{_ALNUM}][./'-])[{_LOWER}]+(?:['-][{_LOWER}]+)*{_LATIN_END}")
+_FIRST_LATIN = re.compile(f"\\W*([A-Z\u00c0-\u00d6\u00d8-\u00de][{_LOWER}]+(?:['-][{_LOWER}]+)*){_LATIN_END}")
+_SCRIPT_RUNS = re.compile(f"([{_HAN}]+)|([{_KANA}]+)|([{_HANGUL}]+)|([\u0400-\u052f]+)|([\u0370-\u03ff]+)"
+                          "|([\u0590-\u05ff]+)|([\u0600-\u077f]+)|([\u0900-\u097f]+)|([\u0e00-\u0e7f]+)")
+_RUN_SCRIPTS = (None, "han", "kana", "hangul", "cyrillic", "greek", "hebrew", "arabic", "devanagari", "thai")
 _OTHER_SCRIPT = re.compile(f"[\u0370-\u052f\u0590-\u077f\u0900-\u097f\u0e00-\u0e7f{_CJK}]")  # letters of non-Latin scripts
 _CODE = re.compile(r"`[^`]*`|\{[^{}]*\}")
 _QUOTED = re.compile(r'"[^"]*"|\u201c[^\u201d]*\u201d')
@@ -143,31 +149,6 @@ ISO_639_1 = frozenset(
 )
 
 
-def _char_script(ch: str) -> str:
-    o = ord(ch)
-    if o < 0x250 or 0x1E00 <= o < 0x1F00 or 0xFF10 <= o < 0xFF5B:
-        return "latin"  # Latin (with digits and _), Latin Extended Additional, fullwidth Latin
-    if 0x400 <= o < 0x530:
-        return "cyrillic"
-    if 0xAC00 <= o < 0xD800 or 0x1100 <= o < 0x1200 or 0x3130 <= o < 0x3190 or 0xA960 <= o < 0xA980 or 0xFFA0 <= o < 0xFFDD:
-        return "hangul"
-    if 0x3041 <= o < 0x3100 or 0x31F0 <= o < 0x3200 or 0xFF66 <= o < 0xFFA0:
-        return "kana"
-    if _CJK_CHAR.match(ch):
-        return "han"
-    if 0x370 <= o < 0x400:
-        return "greek"
-    if 0x590 <= o < 0x600:
-        return "hebrew"
-    if 0x600 <= o < 0x780:
-        return "arabic"
-    if 0x900 <= o < 0x980:
-        return "devanagari"
-    if 0xE00 <= o < 0xE80:
-        return "thai"
-    return "other"
-
-
 def _words(text: str) -> list[str]:
     """Word tokens of a text (case kept).  A CJK run (Han, kana, Hangul) is a token of its own, split from letters
     next to it (``Docker容器`` -> ``Docker``, ``容器``): the runs are spaced out first, as QMD's index does."""
@@ -213,32 +194,23 @@ def latin_language(words: list[str]) -> str:
     return best if n1 >= 2 and sum(1 for v in votes.values() if v == n1) == 1 else ""
 
 
-def _script_units(text: str, own: frozenset[str] = frozenset(), names: bool = False,
-                  raw: list[str] | None = None) -> tuple[dict[str, int], int]:
+def _script_units(text: str, own: frozenset[str] = frozenset(), names: bool = False) -> tuple[dict[str, int], int]:
     """(units per non-Latin script, Latin words) of a text: a CJK character or a word of another script is one
-    unit; identifiers (digits, ``._/+#``, CamelCase, acronyms), capitalised names after the first word (any
-    capitalised word with ``names``: a Latin word starting a Chinese or Russian line is a name) and the query's own
-    words (``own``) do not count."""
+    unit; identifiers (digits, ``._/+#``, CamelCase, acronyms), capitalised names (all of them with ``names``: a
+    Latin word starting a Chinese or Russian line is a name; else the first word of the text counts) and the
+    query's own words (``own``) do not count."""
+    text = text[:2000]
     units: dict[str, int] = {}
-    latin = 0
-    first = 0 if names else 1
-    if raw is None:
-        raw = _words(text[:2000])
-    for i, t in enumerate(raw):
-        script = _char_script(t[0])
-        if script == "latin":
-            if (_IDENTIFIER.search(t) or t[1:] != t[1:].lower()
-                    or ((i or not first) and t[0].isupper()) or t.lower() in own):
-                continue
+    if not text.isascii():
+        for m in _SCRIPT_RUNS.finditer(text):
+            i = m.lastindex
+            script = _RUN_SCRIPTS[i]
+            units[script] = units.get(script, 0) + (len(m.group()) if i <= 3 else 1)  # CJK: characters
+    latin = len([1 for w in _PLAIN_LATIN.findall(text) if w not in own])
+    if not names:
+        first = _FIRST_LATIN.match(text)
+        if first and first.group(1).lower() not in own:
             latin += 1
-        elif script in ("han", "kana", "hangul"):
-            kana = len(_KANA_RE.findall(t))
-            hangul = len(_HANGUL_RE.findall(t))
-            for sc, n in (("kana", kana), ("hangul", hangul), ("han", len(t) - kana - hangul)):
-                if n:
-                    units[sc] = units.get(sc, 0) + n
-        else:
-            units[script] = units.get(script, 0) + 1
     return units, latin
 
 
@@ -263,17 +235,16 @@ def language_of(query: str, lang: str | None = None) -> str:
     return lang or detect_language(query) or "en"
 
 
-def _line_in_language(text: str, toks: list[str], q: "QueryInfo", raw: list[str] | None = None) -> bool | None:
+def _line_in_language(text: str, toks: list[str], q: "QueryInfo") -> bool | None:
     """Whether an expansion line is written in the query's language: True, False, or None when it cannot be told
     (a keyword line in a Latin-script language, a line of identifiers, names and numbers only).  Code in backticks
     or braces is not language."""
     if "`" in text or "{" in text:
         text = _CODE.sub(" ", text)
-        raw = _words(text)
-        toks = [t.lower() for t in raw]
+        toks = tokens(text)
     if q.script == "latin":
         if not text.isascii() and _OTHER_SCRIPT.search(text):
-            units, latin = _script_units(text, q.token_set, raw=raw)
+            units, latin = _script_units(text, q.token_set)
             if sum(units.values()) > latin:
                 return False  # another script dominates
         if q.lang in LATIN_LANGS:
@@ -282,7 +253,7 @@ def _line_in_language(text: str, toks: list[str], q: "QueryInfo", raw: list[str]
         return True
     if not q.script:
         return True  # a query of identifiers or numbers only: nothing to compare
-    units, latin = _script_units(text, q.token_set, names=True, raw=raw)
+    units, latin = _script_units(text, q.token_set, names=True)
     own = units.get(q.script, 0)
     if q.script in ("kana", "hangul"):
         own += units.get("han", 0)  # kanji in Japanese, hanja in Korean
@@ -573,16 +544,9 @@ def score_expansion(query: str, completion: str, lang: str | None = None) -> Sco
     judged = lex[:MAX_LINES_COMPARED] + vec[:MAX_LINES_COMPARED] + hyde[:1]  # the lines every per-line rule reads
     lows = [t[:4000].lower() for t in judged]  # lowercased once: for tokens and for QMD's drop rule
     n_lex = min(len(lex), MAX_LINES_COMPARED)
-    if completion.isascii():
-        raw_toks = None
-        judged_toks = [_words(low[:2000]) for low in (lows[:-1] if hyde else lows)]  # tokens() of lowercased text
-        if hyde:
-            judged_toks.append(_words(lows[-1]))
-    else:  # tokens with their case too, for the language rule (names, acronyms)
-        raw_toks = [_words(t[:2000]) for t in (judged[:-1] if hyde else judged)]
-        if hyde:
-            raw_toks.append(_words(judged[-1][:4000]))
-        judged_toks = [[w.lower() for w in r] for r in raw_toks]
+    judged_toks = [_words(low[:2000]) for low in (lows[:-1] if hyde else lows)]  # tokens() of lowercased text
+    if hyde:
+        judged_toks.append(_words(lows[-1]))
     hyde_toks = judged_toks[-1] if hyde else []
     lex_toks = judged_toks[:n_lex]
     vec_toks = judged_toks[n_lex:n_lex + min(len(vec), MAX_LINES_COMPARED)]
@@ -712,8 +676,7 @@ def score_expansion(query: str, completion: str, lang: str | None = None) -> Sco
         in_lang = None  # nothing to compare: a Latin-script query without a told language, Latin-script lines
         off = 0
     else:
-        in_lang = lines_in_language([_line_in_language(t[:2000], tk, q, r) for t, tk, r
-                                     in zip(judged, judged_toks, raw_toks or [None] * len(judged))])
+        in_lang = lines_in_language([_line_in_language(t[:2000], tk, q) for t, tk in zip(judged, judged_toks)])
         off = len(in_lang) - sum(in_lang)
 
     taken = dict.fromkeys(MAX_POINTS, 0.0)
