@@ -739,7 +739,7 @@ SELFTEST = [
      "vec: who is this company and what do they do"),
     ("docker volume persistence", "hyde: Docker volumes live under /var/lib/docker/volumes and outlive containers.\n"
      "lex: docker volumes\nlex: docker volume mount persist"),
-    ("Docker 容器 网络", "lex: Docker 容器 网络\nlex: Docker 网络 驱动\nvec: 如何让两个 Docker 容器互相访问\n"
+    ("Docker 容器 网络", "lex: Docker 容器 网络 配置\nlex: Docker 网络 驱动\nvec: 如何让两个 Docker 容器互相访问\n"
      "vec: Docker 容器网络和宿主机网络有什么区别"),
     ("Docker 容器 网络", "lex: docker container network\nlex: docker bridge driver\n"
      "vec: how do two docker containers talk to each other\nvec: docker container network versus host network"),
