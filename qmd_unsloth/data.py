@@ -214,7 +214,7 @@ def prepared_rows(examples: list[Example], chat_template: str | None = None) -> 
     rows = []
     for ex in examples:
         rendered = render(ex.query, ex.pairs)
-        rows.append({"query": ex.query, "category": ex.category or "", "lang": ex.lang or "",
+        rows.append({"query": ex.query, "category": ex.category or "", "lang": ex.language,
                      "target": format_target(ex.pairs), **rendered})
     return rows
 
@@ -240,7 +240,7 @@ def stats(examples: list[Example], raw_count: int | None = None) -> dict:
     from .reward import RATINGS, score_expansion
 
     n = len(examples)
-    scores = [score_expansion(ex.query, format_target(ex.pairs), ex.lang) for ex in examples]
+    scores = [score_expansion(ex.query, format_target(ex.pairs), ex.language) for ex in examples]
     words = [len(ex.query.split()) for ex in examples]
     near = Counter(near_duplicate_key(ex.query) for ex in examples)
     by_cat: dict[str, list[float]] = {}

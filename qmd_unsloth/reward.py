@@ -249,6 +249,8 @@ def _line_in_language(text: str, toks: list[str], q: "QueryInfo") -> bool | None
                 return False  # another script dominates
         if q.lang in LATIN_LANGS:
             found = latin_language(toks)
+            if found and found != q.lang:  # confirm without quotations, names and the query's own words
+                found = latin_language(_vote_words(text, q.token_set))
             return (found == q.lang) if found else None
         return True
     if not q.script:
@@ -259,6 +261,29 @@ def _line_in_language(text: str, toks: list[str], q: "QueryInfo") -> bool | None
         own += units.get("han", 0)  # kanji in Japanese, hanja in Korean
     foreign = latin + sum(units.values()) - own
     return own >= foreign if own or foreign else None
+
+
+_NAME_PARTICLES = frozenset("von van der den de la le du da di del dos das al el bin ibn".split())
+
+
+def _vote_words(text: str, own: frozenset[str]) -> list[str]:
+    """Lowercased words of a line that may vote on its language: not in double quotes, not the query's own words,
+    not capitalised names after the first word, not particles of a name (``von der Leyen``, ``de la Cruz``)."""
+    raw = _words(_QUOTED.sub(" ", text))
+    out = []
+    for i, t in enumerate(raw):
+        low = t.lower()
+        if low in own or (i and t[0].isupper()):
+            continue
+        if low in _NAME_PARTICLES:
+            nxt = [w for w in raw[i + 1:i + 3]]
+            k = 0
+            while k < len(nxt) and nxt[k].lower() in _NAME_PARTICLES and not nxt[k][0].isupper():
+                k += 1
+            if k < len(nxt) and nxt[k][0].isupper():
+                continue
+        out.append(low)
+    return out
 
 
 def lines_in_language(verdicts: list[bool | None]) -> list[bool]:

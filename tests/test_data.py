@@ -165,7 +165,7 @@ def test_lang_field_and_stats_per_language(tmp_path):
     r = run_module("qmd_unsloth.data", "prepare", str(p), "--out", str(tmp_path / "prep"), "--val-fraction", "0")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(l) for l in (tmp_path / "prep" / "train.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert [r["lang"] for r in rows] == ["", "zh", "zh"] and "容器 网络 配置" in rows[1]["prompt"]
+    assert [r["lang"] for r in rows] == ["en", "zh", "zh"] and "容器 网络 配置" in rows[1]["prompt"]
 
 
 def test_near_duplicate_key_folds_cjk_spacing():

@@ -276,3 +276,15 @@ def test_german_capitalised_nouns_are_not_entities():
     assert analyse_query("Umzug Checkliste Nachsendeauftrag", "de").entities == ()
     assert analyse_query("Umzug Checkliste Nachsendeauftrag").entities == ("umzug", "checkliste", "nachsendeauftrag")
     assert analyse_query("Fehler 0x80070005 Windows Update", "de").entities == ("0x80070005",)
+
+
+@pytest.mark.parametrize("query, line", [
+    ("European Commission", "lex: European Commission von der Leyen"),  # name particles
+    ('"Ich bin ein Berliner" speech', 'lex: "Ich bin ein Berliner" Kennedy'),  # a quotation
+    ('"Ich bin ein Berliner" speech', "vec: why kennedy said ich bin ein berliner in his 1963 speech"),  # own words
+    ("el nino", "lex: el nino la nina"),  # the query's own words
+    ("wine notes", "hyde: Wine notes: 2021 Albariño (Pazo Señorans) - saline, citrus, 9/10, great with pizza."),  # names
+])
+def test_names_quotes_and_the_querys_words_do_not_make_an_english_line_foreign(query, line):
+    s = score_expansion(query, line, "en")
+    assert s.lines_in_language == s.lines_judged == 1, s.reasons
