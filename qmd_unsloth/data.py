@@ -4,8 +4,9 @@
     python -m qmd_unsloth.data prepare --out runs/prepared
     python -m qmd_unsloth.data stats
 
-One schema, ``{"query": str, "output": [[kind, text], ...]}`` with kind in lex/vec/hyde, optional ``category`` and
-``intent``; unknown fields are ignored.  No torch import here.
+One schema, ``{"query": str, "output": [[kind, text], ...]}`` with kind in lex/vec/hyde, optional ``category``,
+``intent`` and ``lang`` (the query's ISO 639-1 code, e.g. ``zh``; untagged rows are English unless their script
+says otherwise); unknown fields are ignored.  No torch import here.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Iterable, Iterator
 from .atomic import atomic_write_text
 from .cli import UserError, command
 from .prompt import KINDS_ORDER
-from .reward import STOPWORDS, _stem, tokens
+from .reward import ISO_639_1, STOPWORDS, _stem, is_cjk, language_of, tokens
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 SPLIT_SEED = 42
@@ -44,6 +45,12 @@ class Example:
     output: tuple[tuple[str, str], ...]
     category: str | None = None
     intent: str | None = None
+    lang: str | None = None
+
+    @property
+    def language(self) -> str:
+        """The query's language: the ``lang`` tag, else detected by the reward's rule, else English."""
+        return language_of(self.query, self.lang)
 
     @property
     def pairs(self) -> list[tuple[str, str]]:
@@ -84,7 +91,11 @@ def _check_row(row) -> Example:
     for key in ("category", "intent"):
         if row.get(key) is not None and not isinstance(row[key], str):
             raise ValueError(f"{key}: must be a string")
-    return Example(" ".join(query.split()), tuple(pairs), row.get("category"), row.get("intent"))
+    lang = row.get("lang")
+    if lang is not None and (not isinstance(lang, str) or lang not in ISO_639_1):
+        raise ValueError(f"lang: {json.dumps(lang, ensure_ascii=False)[:40]} is not a two-letter lowercase ISO 639-1 "
+                         "code (such as zh, ja, de); fix it or drop the field")
+    return Example(" ".join(query.split()), tuple(pairs), row.get("category"), row.get("intent"), lang)
 
 
 def check_row(row) -> Example:
@@ -149,9 +160,15 @@ def normalise_query(query: str) -> str:
 
 
 def near_duplicate_key(query: str) -> str:
-    """Order, stopwords and plural endings folded: two queries with the same key are near-duplicates."""
-    toks = {_stem(t) for t in tokens(query) if t not in STOPWORDS} or set(tokens(query))
-    return " ".join(sorted(toks))
+    """Order, stopwords and plural endings folded: two queries with the same key are near-duplicates.  CJK text has
+    no spaces, so its characters are the units (``容器网络`` and ``网络 容器`` share a key)."""
+    toks = set()
+    for t in tokens(query):
+        if is_cjk(t):
+            toks.update(t)
+        elif t not in STOPWORDS:
+            toks.add(_stem(t))
+    return " ".join(sorted(toks or set(tokens(query))))
 
 
 def load_examples(paths: Iterable[str | os.PathLike] | None = None, dedupe: bool = True) -> list[Example]:
@@ -202,7 +219,8 @@ def prepared_rows(examples: list[Example], chat_template: str | None = None) -> 
     rows = []
     for ex in examples:
         rendered = render(ex.query, ex.pairs)
-        rows.append({"query": ex.query, "category": ex.category or "", "target": format_target(ex.pairs), **rendered})
+        rows.append({"query": ex.query, "category": ex.category or "", "lang": ex.language,
+                     "target": format_target(ex.pairs), **rendered})
     return rows
 
 
@@ -227,12 +245,15 @@ def stats(examples: list[Example], raw_count: int | None = None) -> dict:
     from .reward import RATINGS, score_expansion
 
     n = len(examples)
-    scores = [score_expansion(ex.query, format_target(ex.pairs)) for ex in examples]
+    scores = [score_expansion(ex.query, format_target(ex.pairs), ex.language) for ex in examples]
     words = [len(ex.query.split()) for ex in examples]
     near = Counter(near_duplicate_key(ex.query) for ex in examples)
     by_cat: dict[str, list[float]] = {}
     for ex, s in zip(examples, scores):
         by_cat.setdefault(ex.category or "(none)", []).append(s.score)
+    by_lang: dict[str, list] = {}
+    for ex, s in zip(examples, scores):
+        by_lang.setdefault(ex.language, []).append(s)
     kinds = {k: Counter(ex.kinds().get(k, 0) for ex in examples) for k in KINDS_ORDER}
     ratings = Counter(s.rating for s in scores)
     return {
@@ -240,6 +261,11 @@ def stats(examples: list[Example], raw_count: int | None = None) -> dict:
         "duplicates_removed": (raw_count - n) if raw_count is not None else 0,
         "near_duplicate_groups": sum(1 for c in near.values() if c > 1),
         "categories": {c: {"rows": len(v), "mean_reward": round(sum(v) / len(v), 4)} for c, v in sorted(by_cat.items())},
+        "languages": {lang: {"rows": len(v), "mean_reward": round(sum(s.score for s in v) / len(v), 4),
+                             "excellent_fraction": round(sum(s.rating == "Excellent" for s in v) / len(v), 4),
+                             "lines_in_language": round(sum(s.lines_in_language for s in v)
+                                                        / max(1, sum(s.lines_judged for s in v)), 4)}
+                      for lang, v in sorted(by_lang.items(), key=lambda kv: (-len(kv[1]), kv[0]))},
         "query_words": {"mean": round(sum(words) / n, 2) if n else 0, "short_le_2": sum(w <= 2 for w in words),
                         "short_fraction": round(sum(w <= 2 for w in words) / n, 4) if n else 0,
                         "max": max(words, default=0)},
@@ -258,6 +284,10 @@ def _print_stats(st: dict, examples: list[Example], show_bad: int) -> None:
     print("by category:")
     for cat, c in st["categories"].items():
         print(f"  {cat:<20} {c['rows']:>5}  mean reward {c['mean_reward']:.3f}")
+    print("by language (the row's lang tag, else detected; share of lines written in the query's language):")
+    for lang, c in st["languages"].items():
+        print(f"  {lang:<4} {c['rows']:>5}  mean reward {c['mean_reward']:.3f}  Excellent {c['excellent_fraction']:.1%}"
+              f"  in language {c['lines_in_language']:.1%}")
     qw = st["query_words"]
     print(f"query words: mean {qw['mean']}, max {qw['max']}, <= 2 words: {qw['short_le_2']} ({qw['short_fraction']:.1%})")
     for kind, c in st["lines_per_kind"].items():

@@ -2,7 +2,7 @@
 
     python -m qmd_unsloth.grpo --config configs/grpo.yaml [--resume] [--dry-run] [--key value ...]
 
-Prompts are rendered by qmd_unsloth.prompt exactly as in SFT and serving; the reward receives the ``query`` column.
+Prompts are rendered by qmd_unsloth.prompt exactly as in SFT and serving; the reward receives the ``query`` and ``lang`` columns.
 Generation goes through vLLM (Unsloth ``fast_inference``) when vLLM is installed, plain generate otherwise.
 """
 
@@ -28,9 +28,8 @@ def use_vllm(cfg: GRPOConfig, backend: str) -> bool:
 
 
 def prompt_dataset(cfg: GRPOConfig, tokenizer, run: Path):
-    """Training queries rendered with the model's template: columns ``prompt`` (text) and ``query``.
-
-    From ``cfg.prompts`` (a queries file) when given, else the training split of ``cfg.data``."""
+    """Training queries rendered with the model's template: columns ``prompt`` (text), ``query`` and ``lang`` (the
+    rewards read them).  From ``cfg.prompts`` (a queries file) when given, else the training split of ``cfg.data``."""
     from datasets import Dataset, load_dataset
 
     from .runs import prepare_data
@@ -38,18 +37,18 @@ def prompt_dataset(cfg: GRPOConfig, tokenizer, run: Path):
     if cfg.prompts is not None:
         from . import dist
         from .atomic import atomic_write_text
-        from .eval import read_queries
+        from .eval import query_language, read_queries
         from .prompt import render_prompt
 
-        rows = [{"prompt": render_prompt(q, tokenizer), "query": q} for _, q in read_queries(cfg.prompts)]
+        rows = [{"prompt": render_prompt(q, tokenizer), "query": q, "lang": query_language(cat, q)}
+                for cat, q in read_queries(cfg.prompts)]
         if dist.is_main_process():  # every rank builds the same rows; the main process keeps the record
-            atomic_write_text(run / "data" / "prompts.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "
-"
-                                                                      for r in rows))
+            atomic_write_text(run / "data" / "prompts.jsonl",
+                              "".join(json.dumps(r, ensure_ascii=False) + chr(10) for r in rows))
         return Dataset.from_list(rows)
     prepare_data(run, cfg, tokenizer.chat_template)  # written once, by the main process
     ds = load_dataset("json", data_files={"train": str(run / "data" / "train.jsonl")})["train"]
-    return ds.remove_columns([c for c in ds.column_names if c not in ("prompt", "query")])
+    return ds.remove_columns([c for c in ds.column_names if c not in ("prompt", "query", "lang")])
 
 
 def reward_functions(cfg: GRPOConfig) -> tuple[list, list[float]]:

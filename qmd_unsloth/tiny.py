@@ -19,7 +19,7 @@ from .atomic import atomic_folder, atomic_write_text
 from .data import DEFAULT_DATA_DIR, data_files
 from .prompt import qwen3_chat_template
 
-TINY_VERSION = 1  # bump when the recipe changes: cached copies are rebuilt
+TINY_VERSION = 2  # bump when the recipe or its corpus (data/*.jsonl) changes: cached copies are rebuilt
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 # Qwen2/Qwen3's pre-tokenizer split, so llama.cpp's converter can treat the tokenizer as "qwen2".
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"

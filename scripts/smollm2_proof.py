@@ -68,7 +68,7 @@ def main() -> int:
     from qmd_unsloth import sft
 
     gguf = smollm2_gguf()
-    queries = [l.strip() for l in (REPO / "data" / "eval_queries.txt").read_text().splitlines()
+    queries = [l.strip() for l in (REPO / "data" / "eval_queries.txt").read_text(encoding="utf-8").splitlines()
                if l.strip() and not l.startswith("#")]
     print(f"base: {gguf}\nbefore: evaluating {len(queries)} queries ...", flush=True)
     before = evaluate(str(gguf), queries, 16, args.max_new_tokens)

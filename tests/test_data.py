@@ -30,6 +30,10 @@ BAD_LINES = [
     ('{"query": "x", "output": []}', "output: must be a non-empty list"),
     ('{"query": "x"}', "output: missing"),
     (b'{"query": "caf\xe9", "output": [["lex", "a"]]}', "not UTF-8"),
+    ('{"query": "x", "lang": "DE", "output": [["lex", "a b"]]}', 'lang: "DE" is not a two-letter lowercase ISO 639-1'),
+    ('{"query": "x", "lang": "xx", "output": [["lex", "a b"]]}', 'lang: "xx" is not'),
+    ('{"query": "x", "lang": "deu", "output": [["lex", "a b"]]}', 'lang: "deu" is not'),
+    ('{"query": "x", "lang": 7, "output": [["lex", "a b"]]}', "lang: 7 is not"),
 ]
 
 
@@ -93,7 +97,7 @@ def test_prepare_writes_prompt_completion_rows(tmp_path):
     meta = json.loads((out / "prepare.json").read_text())
     assert meta["train"] == len(train) and len(meta["data_hash"]) == 64
     row = train[0]
-    assert set(row) == {"query", "category", "target", "prompt", "completion"}
+    assert set(row) == {"query", "category", "lang", "target", "prompt", "completion"}
     assert row["prompt"].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert row["completion"] == row["target"] + "<|im_end|>"
     assert row["target"].startswith("hyde: ")
@@ -133,3 +137,38 @@ def test_split_function_partitions(tmp_path):
     ex = load_examples([p])
     train, val = split(ex)
     assert len(train) + len(val) == 100 and not {e.query for e in train} & {e.query for e in val}
+
+
+ZH = {"query": "容器 网络 配置", "lang": "zh",
+      "output": [["hyde", "Docker 默认创建 bridge 网络，容器之间可以通过容器名互相访问；自定义网络用 docker network create 创建。"],
+                 ["lex", "容器 网络"], ["lex", "网络 配置 bridge"],
+                 ["vec", "如何配置 Docker 容器之间的网络通信"], ["vec", "自定义容器网络和默认 bridge 网络有什么区别"]]}
+ZH_EN = {"query": "容器 日志 查看", "lang": "zh",
+         "output": [["lex", "container logs"], ["lex", "docker logs tail"],
+                    ["vec", "how do I read the logs of a container"], ["vec", "where are docker container logs stored"]]}
+
+
+def test_lang_field_and_stats_per_language(tmp_path):
+    p = write(tmp_path, "ml.jsonl", [json.dumps(ROW), json.dumps(ZH, ensure_ascii=False),
+                                     json.dumps(ZH_EN, ensure_ascii=False)])
+    examples = load_examples([p])
+    assert [ex.lang for ex in examples] == [None, "zh", "zh"]
+    assert [ex.language for ex in examples] == ["en", "zh", "zh"]
+    r = run_module("qmd_unsloth.data", "stats", str(p), "--json", str(tmp_path / "st.json"))
+    assert r.returncode == 0, r.stderr
+    langs = json.loads((tmp_path / "st.json").read_text())["languages"]
+    assert list(langs) == ["zh", "en"] and langs["zh"]["rows"] == 2 and langs["en"]["rows"] == 1
+    assert langs["zh"]["excellent_fraction"] == 0.5 and langs["zh"]["lines_in_language"] == 0.5556  # 5 of 9 lines
+    assert langs["zh"]["mean_reward"] < 0.7 and langs["en"]["excellent_fraction"] == 1.0
+    assert "by language" in r.stdout and "zh       2  mean reward" in r.stdout
+    # prepare keeps working and carries the tag for the GRPO reward
+    r = run_module("qmd_unsloth.data", "prepare", str(p), "--out", str(tmp_path / "prep"), "--val-fraction", "0")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(l) for l in (tmp_path / "prep" / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["lang"] for r in rows] == ["en", "zh", "zh"] and "容器 网络 配置" in rows[1]["prompt"]
+
+
+def test_near_duplicate_key_folds_cjk_spacing():
+    assert near_duplicate_key("容器网络") == near_duplicate_key("网络 容器")
+    assert near_duplicate_key("Docker 容器网络") == near_duplicate_key("docker 网络容器")
+    assert near_duplicate_key("容器网络") != near_duplicate_key("容器日志")

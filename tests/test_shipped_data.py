@@ -6,6 +6,7 @@ import pytest
 
 from qmd_unsloth.data import (DEFAULT_DATA_DIR, data_files, load_examples, near_duplicate_key, normalise_query,
                               read_examples, stats, validate)
+from qmd_unsloth.reward import cjk_grams, is_cjk, text_width, tokens
 
 CATEGORIES = {"programming", "errors_debugging", "devops", "databases", "ml_ai", "science", "howto",
               "health_fitness", "finance_legal", "travel_places", "people_orgs", "personal_notes", "temporal",
@@ -22,10 +23,11 @@ def figures(examples):
     return stats(examples)
 
 
-def eval_queries():
+def eval_queries(with_category=False):
     from qmd_unsloth.eval import read_queries
 
-    return [q for _, q in read_queries(DEFAULT_DATA_DIR / "eval_queries.txt")]
+    pairs = read_queries(DEFAULT_DATA_DIR / "eval_queries.txt")
+    return pairs if with_category else [q for _, q in pairs]
 
 
 def test_every_file_validates():
@@ -66,7 +68,7 @@ def test_row_shape(examples):
         assert kinds.get("hyde", 0) <= 1 and 2 <= kinds["lex"] <= 3 and 2 <= kinds["vec"] <= 3, ex.query
         for kind, text in ex.output:
             if kind == "hyde":
-                assert 50 <= len(text) <= 200, ex.query
+                assert 50 <= text_width(text) <= 200, ex.query  # the reward's measure: CJK characters count double
 
 
 def test_eval_queries_are_held_out():
@@ -76,3 +78,50 @@ def test_eval_queries_are_held_out():
     train_near = {near_duplicate_key(ex.query) for ex in load_examples()}
     leaked = [q for q in queries if normalise_query(q) in train_norm or near_duplicate_key(q) in train_near]
     assert leaked == []
+
+
+# --- multilingual data (issue 16) -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def multilingual(examples):
+    return [ex for ex in examples if ex.lang and ex.lang != "en"]
+
+
+def test_multilingual_rows_cover_eight_languages(multilingual):
+    langs = Counter(ex.lang for ex in multilingual)
+    assert len(multilingual) >= 400
+    assert {"zh", "ja", "ko", "ru", "de", "fr", "es", "pt"} <= set(langs) and min(langs.values()) >= 30, langs
+    # every tagged row lives in data/multilingual_<lang>.jsonl
+    for p in DEFAULT_DATA_DIR.glob("multilingual_*.jsonl"):
+        assert {ex.lang for _, ex, _ in read_examples(p) if ex} == {p.stem.split("_", 1)[1]}, p
+    # mixed queries: an English or product term inside a CJK or Cyrillic query
+    mixed = [ex for ex in multilingual if ex.lang in ("zh", "ja", "ko", "ru") and any(t.isascii() and t.isalpha()
+                                                                                      for t in tokens(ex.query))]
+    assert len(mixed) >= 30
+
+
+def test_multilingual_reward_floors(multilingual):
+    figures = stats(multilingual)
+    assert figures["reward"]["mean"] >= 0.95
+    assert figures["reward"]["excellent_fraction"] >= 0.97
+    for lang, f in figures["languages"].items():
+        assert f["rows"] >= 30 and f["mean_reward"] >= 0.94 and f["lines_in_language"] >= 0.98, (lang, f)
+
+
+def _grams(query):
+    out = set()
+    for t in tokens(query):
+        out.update(cjk_grams(t) if is_cjk(t) else [t])
+    return out
+
+
+def test_multilingual_eval_queries_are_held_out():
+    pairs = [(c, q) for c, q in eval_queries(with_category=True) if c.startswith("multilingual_")]
+    langs = Counter(c.split("_", 1)[1] for c, _ in pairs)
+    assert len(pairs) >= 40 and len(langs) >= 8 and min(langs.values()) >= 5, langs
+    # CJK queries have no spaces, so the near-duplicate key sees characters; also no eval query shares most of its
+    # character bigrams (CJK) and words with a training query
+    train = [_grams(ex.query) for ex in load_examples() if ex.lang]
+    for _, q in pairs:
+        g = _grams(q)
+        assert max(len(g & t) / len(g | t) for t in train) < 0.6, q
