@@ -66,6 +66,10 @@ class TrainCommon(StageConfig):
     gradient_checkpointing: bool = True
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
     use_cpu: bool = Field(False, description="force CPU even when CUDA is present")
+    prequantized_4bit: bool = Field(
+        True, description="Unsloth 4-bit on CUDA: load Unsloth's pre-quantized copy of a hub base (e.g. "
+        "unsloth/Qwen3-1.7B-unsloth-bnb-4bit for Qwen/Qwen3-1.7B: smaller download, less load-time memory); the "
+        "run folder records the repo loaded. false: the named repo, quantized at load")
 
     @model_validator(mode="after")
     def _no_embeddings(self):
@@ -130,6 +134,36 @@ class GRPOConfig(TrainCommon):
             raise ValueError("rules_weight: at least one of rules_weight and retrieval_weight must be > 0")
         return self
 
+    # Set explicitly, so that GRPO means the same on both backends: Unsloth's patched GRPOConfig replaces TRL's
+    # defaults (loss_type, beta, vLLM importance-sampling correction, mask_truncated_completions; unsloth/models/rl.py).
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
+        "dapo", description="GRPO loss normalisation (TRL 1.x's default dapo; Unsloth alone would pick it too, "
+        "then change other knobs: all are set here)")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="divide advantages by the reward std of the group, the batch, or not at all (Dr. GRPO)")
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token", description="token: GRPO; sequence: GSPO")
+    mask_truncated_completions: bool = Field(
+        False, description="leave completions cut at max_completion_length out of the loss (DAPO)")
+    epsilon_high: float = Field(
+        0.2, gt=0, description="upper clipping bound (TRL's lower bound epsilon is 0.2; DAPO uses 0.28). Never left "
+        "empty: Unsloth would set 0.28 for loss_type dapo")
+    vllm_importance_sampling_correction: bool = Field(
+        True, description="with vLLM: correct for vLLM vs training-model sampling mismatch (TRL's default; "
+        "Unsloth turns it off unless set)")
+    vllm_standby: bool = Field(
+        False, description="Unsloth vLLM standby (UNSLOTH_VLLM_STANDBY=1, set before unsloth is imported): shares "
+        "memory between vLLM and training on 12-16 GB cards; it OVERRIDES gpu_memory_utilization")
+    gpu_memory_utilization: float = Field(
+        0.5, gt=0, le=1, description="fraction of GPU memory vLLM may take (ignored when vllm_standby is on)")
+
+    @model_validator(mode="after")
+    def _dr_grpo_unscaled(self):
+        if self.loss_type == "dr_grpo" and self.scale_rewards != "none":
+            raise ValueError("scale_rewards: loss_type dr_grpo needs scale_rewards: none (Unsloth would switch it "
+                             "to none on its own, and the backends would then differ)")
+        return self
+
     @model_validator(mode="after")
     def _batch_divisible(self):
         batch = self.per_device_train_batch_size * self.gradient_accumulation_steps
@@ -148,11 +182,21 @@ class ExportConfig(StageConfig):
     quant: str = "q4_k_m"
     also: list[str] = Field(default_factory=list, description="extra quantizations, e.g. q8_0")
     name: str = Field("qmd-query-expansion", description="file names are <name>-<quant>.gguf")
-    llama_cpp_dir: Path = Field(Path.home() / ".cache" / "qmd_unsloth" / "llama.cpp")
+    llama_cpp_dir: Path = Field(default_factory=lambda: _default_tools_dir(),
+                                description="llama.cpp tools folder (default: $QMD_UNSLOTH_CACHE/llama.cpp)")
+    backend: Literal["auto", "unsloth", "llama.cpp"] = Field(
+        "auto", description="unsloth: Unsloth's save_pretrained_gguf (auto when CUDA and unsloth are there; runs on "
+        "its CPU backend too); llama.cpp: llama.cpp's converter and quantizer directly")
     allow_llama_cpp_install: bool = Field(False, description="let Unsloth install llama.cpp itself (needs network)")
     reload: str | None = Field(None, description="after export, hot-swap the new GGUF into the server at this URL")
     install_qmd: bool = Field(False, description="after export, install the GGUF into QMD (python -m "
                               "qmd_unsloth.qmd_install)")
+
+
+def _default_tools_dir() -> Path:
+    from .llamacpp import default_dir
+
+    return default_dir()
 
 
 class EvalConfig(StageConfig):

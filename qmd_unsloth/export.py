@@ -4,9 +4,10 @@
         [--install-qmd] [--reload http://127.0.0.1:8765]
 
 ``--model`` is a run folder (its ``merged/``), a merged model folder, or a LoRA adapter folder (merged onto its base
-first).  On the Unsloth path (CUDA + unsloth) the GGUF comes from Unsloth's ``save_pretrained_gguf``; otherwise from
-llama.cpp's converter and quantizer directly.  Either way nothing is downloaded or installed: the pinned tools folder
-(``python -m qmd_unsloth.llamacpp prepare``) is used, and Unsloth is told so before it is imported.  Every file is
+first).  ``--backend unsloth`` (the ``auto`` choice when CUDA and unsloth are there; it also runs on Unsloth's CPU
+backend) makes the GGUF with Unsloth's ``save_pretrained_gguf``; ``--backend llama.cpp`` with llama.cpp's converter
+and quantizer directly.  Either way nothing is downloaded or installed: the pinned tools folder (``python -m
+qmd_unsloth.llamacpp prepare``) is used, and Unsloth is pointed at it before it is imported.  Every file is
 written under a temporary name, verified (file type, tensor types, EOS, chat template, a short llama.cpp
 generation), and only then renamed into place.
 """
@@ -81,9 +82,17 @@ def verify(path: Path, quant: str, tools: Path, tokenizer_template: str | None) 
         raise ExportError(str(e).replace(str(path), path.name, 1)) from None
 
 
+def export_backend(requested: str) -> str:
+    """'unsloth' or 'llama.cpp': auto picks Unsloth where training would (CUDA and unsloth installed)."""
+    from .model import choose_backend
+
+    if requested == "llama.cpp":
+        return "llama.cpp"
+    return "unsloth" if choose_backend("unsloth" if requested == "unsloth" else "auto") == "unsloth" else "llama.cpp"
+
+
 def export(cfg: ExportConfig) -> dict:
     from .llamacpp import check, convert, quantize
-    from .model import choose_backend, load_tokenizer
 
     if cfg.model is None:
         raise ExportError("--model is required (a run folder, merged model or adapter)")
@@ -91,6 +100,15 @@ def export(cfg: ExportConfig) -> dict:
     tools = Path(cfg.llama_cpp_dir)
     if not cfg.allow_llama_cpp_install:
         check(tools)
+    backend = export_backend(cfg.backend)
+    if backend == "unsloth":
+        from .model import import_unsloth
+
+        # before the tokenizer and adapter loads below import transformers and peft, and with the tools folder
+        # Unsloth must use (it reads UNSLOTH_LLAMA_CPP_PATH once, at import)
+        import_unsloth(tools)
+    from .model import load_tokenizer
+
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     quants = [cfg.quant, *[q for q in cfg.also if q != cfg.quant]]
@@ -101,13 +119,12 @@ def export(cfg: ExportConfig) -> dict:
         if kind == "adapter":
             src = merge_adapter(src, tmp / "merged")
         template = load_tokenizer(str(src)).chat_template
-        backend = choose_backend("auto")
         report["backend"] = backend
         for quant in quants:
             t0 = time.perf_counter()
             staged = tmp / f"{name}-{quant}.gguf"
             if backend == "unsloth":
-                _unsloth_gguf(src, tmp / f"unsloth-{quant}", quant, tools, cfg.allow_llama_cpp_install, staged)
+                _unsloth_gguf(src, tmp / f"unsloth-{quant}", quant, cfg.allow_llama_cpp_install, staged)
             else:
                 f16 = tmp / f"{name}-f16.gguf"
                 if not f16.exists():
@@ -126,19 +143,27 @@ def export(cfg: ExportConfig) -> dict:
     return report
 
 
-def _unsloth_gguf(src: Path, workdir: Path, quant: str, tools: Path, allow_install: bool, staged: Path) -> None:
-    """Unsloth's own save_pretrained_gguf, pointed at the pinned tools folder and forbidden to install anything."""
-    os.environ["UNSLOTH_LLAMA_CPP_PATH"] = str(tools)
-    os.environ["UNSLOTH_LLAMA_CPP_OFFLINE"] = "0" if allow_install else "1"
+def _unsloth_gguf(src: Path, workdir: Path, quant: str, allow_install: bool, staged: Path) -> None:
+    """Unsloth's own save_pretrained_gguf, on the tools folder import_unsloth() pointed it at.
+
+    Where the file lands differs by backend, so the call's return value is used, never a search of ``workdir``:
+    on CUDA it is written into a SIBLING folder ``<workdir>_gguf`` and the dict returned names it in ``gguf_files``
+    (unsloth/save.py unsloth_save_pretrained_gguf, _gguf_output_directory); Unsloth's CPU backend writes under
+    ``workdir`` and returns the list of paths (unsloth_zoo/cpu/loader.py save_pretrained_gguf).
+    """
+    os.environ["UNSLOTH_LLAMA_CPP_OFFLINE"] = "0" if allow_install else "1"  # read at call time by unsloth_zoo
     os.environ["UNSLOTH_AUTO_INSTALL"] = "1" if allow_install else "0"
     from unsloth import FastLanguageModel
 
-    model, tok = FastLanguageModel.from_pretrained(model_name=str(src), load_in_4bit=False)
-    model.save_pretrained_gguf(str(workdir), tok, quantization_method=quant)
-    made = sorted(workdir.rglob(f"*{quant.upper()}*.gguf")) or sorted(workdir.rglob(f"*{quant}*.gguf"))
-    if not made:
-        raise ExportError(f"Unsloth's save_pretrained_gguf wrote no {quant} file under {workdir}")
+    model, tok = FastLanguageModel.from_pretrained(model_name=str(src), load_in_4bit=False, use_exact_model_name=True)
+    result = model.save_pretrained_gguf(str(workdir), tok, quantization_method=quant)
+    files = result.get("gguf_files", []) if isinstance(result, dict) else list(result or [])
+    made = [Path(f) for f in files if Path(f).name.upper().endswith(f".{quant.upper()}.GGUF")]
+    if not made or not made[0].is_file():
+        raise ExportError(f"Unsloth's save_pretrained_gguf reported no {quant} file (it returned {files})")
     shutil.move(str(made[0]), staged)
+    for folder in (workdir, Path(f"{workdir}_gguf")):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @command("export")
@@ -146,11 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     from .config import parse_stage_args
 
     cfg, _ = parse_stage_args("export", __doc__, argv)
-    from .model import ModelLoadError
+    from .model import ModelLoadError, UnslothToolsMismatch
 
     try:
         report = export(cfg)
-    except (ExportError, ToolsMissing, ModelLoadError, RuntimeError) as e:
+    except (ExportError, ToolsMissing, ModelLoadError, UnslothToolsMismatch, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     _after_export(cfg, Path(cfg.out) / next(iter(report["files"])))

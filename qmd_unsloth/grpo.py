@@ -64,18 +64,37 @@ def reward_functions(cfg: GRPOConfig) -> tuple[list, list[float]]:
     return funcs, weights
 
 
+# The GRPO knobs set explicitly on both backends (Unsloth's patched GRPOConfig would otherwise replace TRL's defaults:
+# unsloth/models/rl.py, the grpo_trainer replacements and the dr_grpo / dapo checks).
+GRPO_SETTINGS = ("loss_type", "beta", "scale_rewards", "importance_sampling_level", "mask_truncated_completions",
+                 "epsilon_high", "vllm_importance_sampling_correction")
+
+
+def grpo_settings(cfg: GRPOConfig, fast: bool) -> dict:
+    """TRL GRPOConfig arguments that fix what GRPO means (the importance-sampling correction applies to vLLM only)."""
+    out = {k: getattr(cfg, k) for k in GRPO_SETTINGS}
+    out["vllm_importance_sampling_correction"] = cfg.vllm_importance_sampling_correction and fast
+    return out
+
+
 def build_trainer(cfg: GRPOConfig, run: Path):
     from .model import add_lora, choose_backend, load_base
 
     funcs, weights = reward_functions(cfg)  # first: a bad collection fails before the model loads
     backend = choose_backend(cfg.backend, cfg.use_cpu)
     fast = use_vllm(cfg, backend)
+    if backend == "unsloth":
+        from .model import import_unsloth
+
+        import_unsloth(vllm_standby=cfg.vllm_standby and fast)  # standby is read when unsloth is imported
     if fast:
         from unsloth import FastLanguageModel
 
+        # With standby on, Unsloth replaces gpu_memory_utilization by its own figure unless
+        # UNSLOTH_VLLM_STANDBY_UTIL_OVERRIDE=1 (unsloth_zoo/vllm_utils.py load_vllm).
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=cfg.sft_model, max_seq_length=cfg.max_seq_length, load_in_4bit=cfg.load_in_4bit,
-            fast_inference=True, max_lora_rank=cfg.lora_r)
+            fast_inference=True, max_lora_rank=cfg.lora_r, gpu_memory_utilization=cfg.gpu_memory_utilization)
     else:
         model, tokenizer = load_base(cfg.sft_model, cfg, backend)
     model = add_lora(model, cfg, backend)
@@ -88,12 +107,12 @@ def build_trainer(cfg: GRPOConfig, run: Path):
 
     args = TRLGRPOConfig(
         **training_args(cfg, run, backend),
-        beta=cfg.beta,
         num_generations=cfg.num_generations,
         max_completion_length=cfg.max_completion_length,
         temperature=cfg.temperature,
         use_vllm=fast,
         reward_weights=weights,
+        **grpo_settings(cfg, fast),
     )
     trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=train,
                           processing_class=tokenizer)
@@ -106,7 +125,8 @@ def run(cfg: GRPOConfig, resume: bool = False) -> Path:
 
     def build(cfg, run_path):
         trainer, tokenizer, backend, n = build_trainer(cfg, run_path)
-        return trainer, tokenizer, backend, {"prompts": n, "generations": cfg.num_generations}
+        used = {k: getattr(trainer.args, k) for k in GRPO_SETTINGS}  # as the trainer holds them, after any patching
+        return trainer, tokenizer, backend, {"prompts": n, "generations": cfg.num_generations, "grpo_settings": used}
 
     return train_stage("grpo", cfg, resume, build, ("reward", "reward_std", "kl"), "reward.png", cfg.sft_model)
 

@@ -5,7 +5,11 @@
 The folder holds llama.cpp's ``convert_hf_to_gguf.py`` with its ``conversion/`` package and ``gguf-py/`` (taken from
 llama-cpp-python's source distribution, fetched from the package registry with pip) and an executable
 ``llama-quantize`` that calls ``llama_model_quantize`` from the installed llama-cpp-python (the same library code as
-llama.cpp's own tool).  Unsloth is pointed at it with ``UNSLOTH_LLAMA_CPP_PATH``.
+llama.cpp's own tool).  Unsloth is pointed at it with ``UNSLOTH_LLAMA_CPP_PATH`` (see ``qmd_unsloth.model``).
+
+The folder carries its own fixes, because Unsloth runs ``convert_hf_to_gguf.py`` from it as a child process: a
+qwen2 pre-tokenizer fallback appended to ``conversion/base.py`` (a test tokenizer with Qwen2's split regex but an
+unknown hash converts as ``qwen2``), and Unsloth's prebuilt-install marker so that Unsloth uses the folder as is.
 """
 
 from __future__ import annotations
@@ -23,7 +27,15 @@ from .cli import UserError, command
 from .atomic import atomic_folder
 
 LLAMA_CPP_PYTHON = "0.3.36"
-DEFAULT_DIR = Path(os.environ.get("QMD_UNSLOTH_CACHE", Path.home() / ".cache" / "qmd_unsloth")) / "llama.cpp"
+TOOLS_VERSION = 2  # bump when prepare() changes what the folder holds: check() then asks for a fresh prepare
+
+
+def default_dir() -> Path:
+    """The tools folder every stage uses unless told otherwise: $QMD_UNSLOTH_CACHE/llama.cpp (read at call time)."""
+    return Path(os.environ.get("QMD_UNSLOTH_CACHE", Path.home() / ".cache" / "qmd_unsloth")) / "llama.cpp"
+
+
+DEFAULT_DIR = default_dir()
 PREPARE_HINT = "python -m qmd_unsloth.llamacpp prepare"
 QUANT_TYPES = {"q4_k_m": 15, "q8_0": 7, "q5_k_m": 17, "q6_k": 18, "f16": 1}
 FILE_TYPE_NAMES = {0: "F32", 1: "F16", 7: "Q8_0", 15: "Q4_K_M", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
@@ -43,17 +55,56 @@ sys.exit(0 if rc == 0 else f"llama_model_quantize failed with code {{rc}}")
 '''
 
 
+# Appended to conversion/base.py: every way of running the converter (ours, or Unsloth's save_pretrained_gguf, which
+# runs the folder's convert_hf_to_gguf.py as a child process: unsloth_zoo/llama_cpp.py convert_to_gguf) gets it.
+BASE_PATCH = """
+
+# --- qmd_unsloth: qwen2 pre-tokenizer fallback (appended by `python -m qmd_unsloth.llamacpp prepare`) ---
+# A BPE tokenizer whose pre-tokenizer hash is unknown here but whose split regex is exactly Qwen2's (such as
+# qmd_unsloth's tiny test tokenizer) converts as "qwen2"; anything else still fails as before.
+_QMD_UNSLOTH_QWEN2_SPLIT = {split!r}
+
+
+def _qmd_unsloth_qwen2_fallback(original):
+    def get_vocab_base_pre(self, tokenizer) -> str:
+        try:
+            return original(self, tokenizer)
+        except NotImplementedError:
+            try:
+                with open(Path(self.dir_model) / "tokenizer.json", encoding="utf-8") as f:
+                    pre = json.load(f).get("pre_tokenizer") or {{}}
+            except (OSError, ValueError):
+                raise NotImplementedError("BPE pre-tokenizer was not recognized") from None
+            splits = [p for p in pre.get("pretokenizers", [pre]) if p.get("type") == "Split"]
+            if any(p.get("pattern", {{}}).get("Regex") == _QMD_UNSLOTH_QWEN2_SPLIT for p in splits):
+                logger.warning("qmd_unsloth: unknown BPE pre-tokenizer hash with Qwen2's split regex: using qwen2")
+                return "qwen2"
+            raise
+    return get_vocab_base_pre
+
+
+TextModel.get_vocab_base_pre = _qmd_unsloth_qwen2_fallback(TextModel.get_vocab_base_pre)
+"""
+
+
 class ToolsMissing(UserError, RuntimeError):
     """The llama.cpp tools folder or llama-cpp-python is missing (one line, names what and how to fix)."""
 
 
-def check(tools: str | os.PathLike = DEFAULT_DIR) -> Path:
+def check(tools: str | os.PathLike | None = None) -> Path:
     """Returns the tools folder, or raises ToolsMissing naming the missing piece and the command that prepares it."""
-    tools = Path(tools)
+    tools = Path(tools) if tools is not None else default_dir()
+    hint = PREPARE_HINT + (f" --dir {tools}" if tools != default_dir() else "")
     for name in ("convert_hf_to_gguf.py", "conversion/__init__.py", "gguf-py/gguf/__init__.py", "llama-quantize"):
         if not (tools / name).exists():
-            raise ToolsMissing(f"llama.cpp tools: {tools / name} is missing; prepare them with: {PREPARE_HINT}"
-                               + (f" --dir {tools}" if tools != DEFAULT_DIR else ""))
+            raise ToolsMissing(f"llama.cpp tools: {tools / name} is missing; prepare them with: {hint}")
+    try:
+        version = json.loads((tools / "TOOLS.json").read_text()).get("qmd_unsloth_tools", 1)
+    except (OSError, ValueError):
+        version = 1
+    if version < TOOLS_VERSION:
+        raise ToolsMissing(f"llama.cpp tools: {tools} was prepared by an older qmd_unsloth (no qwen2 fallback in "
+                           f"conversion/base.py); prepare it again with: {hint}")
     from importlib.util import find_spec
 
     if find_spec("llama_cpp") is None:
@@ -73,9 +124,9 @@ def fetch_sdist(dest: Path) -> Path:
     return next(dest.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"))
 
 
-def prepare(tools: str | os.PathLike = DEFAULT_DIR, sdist: str | os.PathLike | None = None) -> Path:
+def prepare(tools: str | os.PathLike | None = None, sdist: str | os.PathLike | None = None) -> Path:
     """Builds the tools folder (atomically: a temporary folder renamed when complete)."""
-    tools = Path(tools)
+    tools = Path(tools) if tools is not None else default_dir()
     sdist = Path(sdist) if sdist else fetch_sdist(tools.parent / "sdist")
     with atomic_folder(tools) as tmp:
         prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
@@ -86,20 +137,30 @@ def prepare(tools: str | os.PathLike = DEFAULT_DIR, sdist: str | os.PathLike | N
             for m in members:
                 m.name = m.name[len(prefix):]
             tar.extractall(tmp, members=members, filter="data")
+        with open(tmp / "conversion" / "base.py", "a", encoding="utf-8") as f:
+            f.write(BASE_PATCH.format(split=_qwen2_split_regex()))
         quantize = tmp / "llama-quantize"
         quantize.write_text(QUANTIZE_SCRIPT.format(python=sys.executable, types=QUANT_TYPES))
         quantize.chmod(0o755)
-        (tmp / "TOOLS.json").write_text(json.dumps({"llama_cpp_python": LLAMA_CPP_PYTHON, "sdist": sdist.name}) + "\n")
+        (tmp / "TOOLS.json").write_text(json.dumps({"llama_cpp_python": LLAMA_CPP_PYTHON, "sdist": sdist.name,
+                                                    "qmd_unsloth_tools": TOOLS_VERSION}) + "\n")
+        # Unsloth's install_llama_cpp (which its CPU backend's save_pretrained_gguf calls) accepts a folder that is a
+        # source checkout (src/, ggml/, common/) or carries this prebuilt marker, and otherwise wipes it to re-clone
+        # (unsloth_zoo/llama_cpp.py install_llama_cpp, _write_prebuilt_marker).  The marker is only read again to
+        # stage a converter from the network, which never happens here: the folder's own converter and conversion/
+        # package are found first (_download_convert_hf_to_gguf -> _resolve_bundle_convert_script).
+        (tmp / "UNSLOTH_PREBUILT_INFO.json").write_text(json.dumps(
+            {"source": "qmd_unsloth tools folder (python -m qmd_unsloth.llamacpp prepare)",
+             "repo": "abetlen/llama-cpp-python", "tag": f"v{LLAMA_CPP_PYTHON}", "asset": sdist.name}, indent=2) + "\n")
     return tools
 
 
 def convert(tools: Path, model_dir: Path, outfile: Path, outtype: str = "f16") -> None:
-    """Runs llama.cpp's converter on a HF model folder in a child process (see ``_convert_main``)."""
-    cmd = [sys.executable, "-m", "qmd_unsloth.llamacpp", "_convert", str(tools), str(model_dir), "--outfile",
-           str(outfile), "--outtype", outtype]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
-                                                         os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    """Runs the tools folder's ``convert_hf_to_gguf.py`` on a HF model folder in a child process, exactly as Unsloth
+    does (the qwen2 fallback lives in the folder's ``conversion/base.py``)."""
+    cmd = [sys.executable, str(Path(tools) / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(outfile),
+           "--outtype", outtype]
+    r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         tail = [l for l in r.stderr.strip().splitlines() if l.strip()][-1:] or ["no output"]
         raise RuntimeError(f"convert_hf_to_gguf.py failed on {model_dir}: {tail[0]}")
@@ -109,39 +170,6 @@ def _qwen2_split_regex() -> str:
     from .tiny import QWEN2_SPLIT
 
     return QWEN2_SPLIT
-
-
-def _uses_qwen2_pretokenizer(model_dir: Path) -> bool:
-    try:
-        pre = json.loads((model_dir / "tokenizer.json").read_text())["pre_tokenizer"]
-    except (OSError, ValueError, KeyError):
-        return False
-    splits = [p for p in pre.get("pretokenizers", [pre]) if p.get("type") == "Split"]
-    return any(p.get("pattern", {}).get("Regex") == _qwen2_split_regex() for p in splits)
-
-
-def _convert_main(argv: list[str]) -> None:
-    """In the child: import the converter from the tools folder; a BPE tokenizer whose pre-tokenizer hash llama.cpp
-    does not know but whose split regex is Qwen2's (such as the tiny test model's) is mapped to ``qwen2``."""
-    tools, model_dir, rest = Path(argv[0]), Path(argv[1]), argv[2:]
-    sys.path[:0] = [str(tools), str(tools / "gguf-py")]
-    import conversion.base as base
-
-    original = base.TextModel.get_vocab_base_pre
-
-    def get_vocab_base_pre(self, tokenizer):
-        try:
-            return original(self, tokenizer)
-        except NotImplementedError:
-            if _uses_qwen2_pretokenizer(model_dir):
-                return "qwen2"
-            raise
-
-    base.TextModel.get_vocab_base_pre = get_vocab_base_pre
-    import convert_hf_to_gguf
-
-    sys.argv = ["convert_hf_to_gguf.py", str(model_dir), *rest]
-    convert_hf_to_gguf.main()
 
 
 def quantize(tools: Path, src: Path, dst: Path, quant: str) -> None:
@@ -218,16 +246,13 @@ def openai_server(gguf: str | os.PathLike, *, alias: str = "local", port: int | 
 @command("llamacpp")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["_convert"]:
-        _convert_main(argv[1:])
-        return 0
     ap = argparse.ArgumentParser(prog="python -m qmd_unsloth.llamacpp", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="build the tools folder")
-    p.add_argument("--dir", default=str(DEFAULT_DIR), help=f"tools folder (default: {DEFAULT_DIR})")
+    p.add_argument("--dir", default=str(default_dir()), help=f"tools folder (default: {default_dir()})")
     p.add_argument("--sdist", help="a llama-cpp-python source distribution already downloaded")
     c = sub.add_parser("check", help="say whether the tools folder is ready")
-    c.add_argument("--dir", default=str(DEFAULT_DIR))
+    c.add_argument("--dir", default=str(default_dir()))
     args = ap.parse_args(argv)
     try:
         if args.cmd == "prepare":

@@ -7,18 +7,89 @@
 from __future__ import annotations
 
 import os
+import sys
 from importlib.util import find_spec
 from pathlib import Path
 
 from .cli import UserError
+from .llamacpp import default_dir as default_tools_dir
 
-# Unsloth reads these at import time: never let it apt-get, git clone or download llama.cpp on its own.
+# Unsloth reads these when it is imported (unsloth_zoo/llama_cpp.py: LLAMA_CPP_DEFAULT_DIR is a module-level default,
+# bound into function defaults), so they are set here, before any unsloth import: never let it apt-get, git clone or
+# download llama.cpp on its own, and point it at the pinned tools folder.
 os.environ.setdefault("UNSLOTH_LLAMA_CPP_OFFLINE", "1")
 os.environ.setdefault("UNSLOTH_AUTO_INSTALL", "0")
+os.environ.setdefault("UNSLOTH_LLAMA_CPP_PATH", str(default_tools_dir()))
+# Unsloth must come before these (unsloth/_gpu_init.py warns that training may be slower or use more memory).
+PATCHED_BY_UNSLOTH = ("transformers", "trl", "peft")
 
 
 class ModelLoadError(UserError, RuntimeError):
     """A model that cannot be loaded (one line, says why and what to do)."""
+
+
+class UnslothToolsMismatch(UserError, RuntimeError):
+    """unsloth was imported pointing at another llama.cpp folder than the export's (one line)."""
+
+
+def import_unsloth(tools: str | os.PathLike | None = None, vllm_standby: bool | None = None):
+    """The one place qmd_unsloth imports unsloth: sets its environment first, then imports it before transformers,
+    trl and peft.  Returns the ``unsloth`` module.
+
+    ``tools``: the llama.cpp folder GGUF export will use.  Unsloth reads ``UNSLOTH_LLAMA_CPP_PATH`` once, when
+    unsloth_zoo.llama_cpp is first imported, so when that already happened with another folder this raises
+    UnslothToolsMismatch instead of letting the export use (or install into) the wrong one.
+    ``vllm_standby``: sets ``UNSLOTH_VLLM_STANDBY`` (read by unsloth_zoo/vllm_utils.py at load time, and by
+    unsloth's patched GRPO trainer) when unsloth has not been imported yet.
+    """
+    fresh = "unsloth" not in sys.modules
+    if tools is not None and "unsloth_zoo.llama_cpp" not in sys.modules:
+        os.environ["UNSLOTH_LLAMA_CPP_PATH"] = str(tools)
+    if vllm_standby is not None:
+        if fresh:
+            os.environ["UNSLOTH_VLLM_STANDBY"] = "1" if vllm_standby else "0"
+        elif (os.environ.get("UNSLOTH_VLLM_STANDBY", "0") != "0") != vllm_standby:
+            raise ModelLoadError(f"vllm_standby: {vllm_standby} asked for, but unsloth was already imported with "
+                                 "UNSLOTH_VLLM_STANDBY set otherwise; set it before starting Python")
+    if fresh:
+        late = [m for m in PATCHED_BY_UNSLOTH if m in sys.modules]
+        if late:  # a bug in our import order, not a user mistake: say so loudly (the GPU path would run unpatched)
+            import warnings
+
+            warnings.warn(f"qmd_unsloth: {', '.join(late)} imported before unsloth", stacklevel=2)
+    import unsloth
+
+    if tools is not None:
+        import unsloth_zoo.llama_cpp as zoo_llama_cpp
+
+        used = Path(zoo_llama_cpp.LLAMA_CPP_DEFAULT_DIR).expanduser().resolve()
+        if used != Path(tools).expanduser().resolve():
+            raise UnslothToolsMismatch(
+                f"unsloth was imported with UNSLOTH_LLAMA_CPP_PATH={zoo_llama_cpp.LLAMA_CPP_DEFAULT_DIR}, not the "
+                f"llama.cpp tools folder {tools}; set UNSLOTH_LLAMA_CPP_PATH={tools} before starting Python (or "
+                "pass that folder as --llama-cpp-dir)")
+    return unsloth
+
+
+def weights_repo(name: str, cfg, backend: str) -> str:
+    """The repo or folder whose weights are actually loaded for ``name``.
+
+    On the Unsloth backend with 4-bit loading on CUDA, a hub id such as ``Qwen/Qwen3-1.7B`` is loaded from Unsloth's
+    pre-quantized copy (``unsloth/Qwen3-1.7B-unsloth-bnb-4bit``: a ~1.4 GB download instead of 3.4 GB, and no
+    16-bit copy in memory while quantizing, which matters on a 12 GB card) when ``prequantized_4bit`` is true (the
+    default); the name comes from Unsloth's own mapper (unsloth/models/loader_utils.py get_model_name, tables in
+    unsloth/models/mapper.py).  Otherwise, and for local folders, ``name`` itself.  The loader is then called with
+    ``use_exact_model_name=True`` so that what the run records is what it loads.
+    """
+    path, gguf = resolve(name, getattr(cfg, "gguf_file", None))
+    if (backend != "unsloth" or gguf or Path(path).exists() or not cfg.load_in_4bit
+            or not getattr(cfg, "prequantized_4bit", True) or getattr(cfg, "use_cpu", False) or not cuda_available()):
+        return path
+    import_unsloth()
+    from unsloth.models.loader_utils import get_model_name
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    return get_model_name(path, load_in_4bit=True, local_files_only=offline)
 
 
 def cuda_available() -> bool:
@@ -72,14 +143,18 @@ def resolve(name: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     return name, gguf_file
 
 
-def _offline_error(name: str, err: Exception) -> ModelLoadError:
+def _offline_error(name: str, err: Exception, loaded: str | None = None) -> ModelLoadError:
+    """``loaded``: the repo actually asked for when it differs from ``name`` (see weights_repo)."""
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     why = "HF_HUB_OFFLINE=1 is set" if offline else "the hub could not be reached"
-    return ModelLoadError(f"{name}: weights are not in the local Hugging Face cache and {why}; download them first "
-                          f"(hf download {name}) or pass a local folder or .gguf file ({type(err).__name__})")
+    repo = loaded or name
+    which = f"{name} (loaded as {repo}, Unsloth's pre-quantized 4-bit copy)" if repo != name else name
+    return ModelLoadError(f"{which}: weights are not in the local Hugging Face cache and {why}; download them first "
+                          f"(hf download {repo}) or pass a local folder or .gguf file ({type(err).__name__})")
 
 
 def load_tokenizer(name: str, gguf_file: str | None = None):
+    """A tokenizer through transformers (on the Unsloth path, call import_unsloth() before this)."""
     from transformers import AutoTokenizer
 
     path, gguf = resolve(name, gguf_file)
@@ -107,13 +182,16 @@ def load_base(name: str, cfg, backend: str, for_training: bool = True):
     if backend == "unsloth":
         if gguf:
             raise ModelLoadError(f"{name}: the Unsloth backend loads HF folders; use --backend hf for a .gguf base")
+        import_unsloth()
         from unsloth import FastLanguageModel
 
+        loaded = weights_repo(name, cfg, backend)
         try:
-            model, tok = FastLanguageModel.from_pretrained(model_name=path, max_seq_length=cfg.max_seq_length,
-                                                           load_in_4bit=cfg.load_in_4bit, dtype=None)
+            model, tok = FastLanguageModel.from_pretrained(model_name=loaded, max_seq_length=cfg.max_seq_length,
+                                                           load_in_4bit=cfg.load_in_4bit, dtype=None,
+                                                           use_exact_model_name=True)
         except OSError as e:
-            raise _offline_error(name, e) from None
+            raise _offline_error(name, e, loaded) from None
         _chatml_end_of_turn(tok)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
@@ -164,6 +242,7 @@ def _forget_gguf_quantization(model) -> None:
 def add_lora(model, cfg, backend: str):
     """A fresh LoRA with the config's rank, alpha and target modules (never embeddings or lm_head)."""
     if backend == "unsloth":
+        import_unsloth()
         from unsloth import FastLanguageModel
 
         return FastLanguageModel.get_peft_model(
@@ -182,6 +261,8 @@ def add_lora(model, cfg, backend: str):
 
 def load_for_training(name: str, cfg):
     backend = choose_backend(cfg.backend, cfg.use_cpu)
+    if backend == "unsloth":
+        import_unsloth()  # before anything below imports transformers or peft
     model, tok = load_base(name, cfg, backend)
     model = add_lora(model, cfg, backend)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -200,7 +281,10 @@ def save_merged(model, tokenizer, out: str | os.PathLike, backend: str, base_nam
     out = Path(out)
     with atomic_folder(out) as tmp:
         if backend == "unsloth":
-            model.save_pretrained_merged(str(tmp), tokenizer, save_method="merged_16bit")
+            # safetensors asked for explicitly: on machines with 2 CPUs or fewer (Colab) Unsloth otherwise saves a
+            # pickle (unsloth/save.py unsloth_save_model: only safe_serialization=None forces safetensors there;
+            # True is downgraded).
+            model.save_pretrained_merged(str(tmp), tokenizer, save_method="merged_16bit", safe_serialization=None)
         elif getattr(model.base_model.model, "is_loaded_in_4bit", False) and base_name:
             # 4-bit base without Unsloth: merge the adapter into a 16-bit copy of the base
             import torch

@@ -123,6 +123,17 @@ def prepare_data(run: Path, cfg, chat_template: str | None) -> dict:
     return meta
 
 
+def record_weights(path: Path, requested: str, loaded: str) -> None:
+    """Names the weights actually loaded in versions.json and atop config.yaml (a YAML comment, so the file still
+    loads as a config): on the Unsloth 4-bit path a hub base may be loaded from Unsloth's pre-quantized copy."""
+    versions = json.loads((path / "versions.json").read_text())
+    versions["weights"] = {"requested": requested, "loaded": loaded}
+    atomic_write_text(path / "versions.json", json.dumps(versions, indent=2) + "\n")
+    text = "".join(l for l in (path / "config.yaml").read_text().splitlines(True) if not l.startswith("# weights"))
+    note = f"# weights loaded: {loaded}" + (f" (for {requested})" if loaded != requested else "") + "\n"
+    atomic_write_text(path / "config.yaml", note + text)
+
+
 def training_args(cfg, run: Path, backend: str) -> dict:
     """The TrainingArguments both trainers share, from a stage config (TensorBoard logs go to ``<run>/tb``)."""
     from .model import precision
@@ -237,6 +248,7 @@ def train_stage(stage: str, cfg, resume: bool, build, plot_keys: tuple[str, ...]
     from transformers import set_seed
 
     from .data import data_hash
+    from .model import weights_repo
 
     dist.init(cfg.use_cpu)
     launch = dist.describe(cfg)
@@ -244,6 +256,8 @@ def train_stage(stage: str, cfg, resume: bool, build, plot_keys: tuple[str, ...]
     set_seed(cfg.seed)  # the LoRA's initial weights too: the same on one process or many (DDP copies rank 0's)
     trainer, tokenizer, backend, extra = build(cfg, run_path)
     dist.check_backend(backend)
+    if dist.is_main_process():
+        record_weights(run_path, base_name, weights_repo(base_name, cfg, backend))
     stopper = stop_callback()
     trainer.add_callback(stopper)
     ckpt = dist.agree(last_checkpoint(run_path) if resume else None, "the checkpoint to resume from")

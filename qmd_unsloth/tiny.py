@@ -42,6 +42,28 @@ def qwen3_1_7b_config():
                        tie_word_embeddings=True, rope_theta=1_000_000.0, rms_norm_eps=1e-6, torch_dtype="bfloat16")
 
 
+def build_qwen3_1_7b_shaped(out: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
+    """Qwen3-1.7B's shape with random bf16 weights and the tiny tokenizer (ids < 4096 are valid), for GPU tests and
+    benchmarks on a machine without the hub; built on CUDA when present.  Written atomically."""
+    import torch
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    out = Path(out)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir or ensure())
+    cfg = qwen3_1_7b_config()
+    cfg.eos_token_id, cfg.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    torch.manual_seed(seed)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = Qwen3ForCausalLM(cfg).to(torch.bfloat16)
+    with atomic_folder(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return out
+
+
 def _corpus(data_paths) -> list[str]:
     """Text to train the BPE on: the shipped queries and answers and the prompt wording."""
     from .prompt import USER_TEMPLATE
@@ -110,9 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m qmd_unsloth.tiny", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(DEFAULT_DIR), help=f"output folder (default: {DEFAULT_DIR})")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shape", choices=["tiny", "qwen3-1.7b"], default="tiny",
+                    help="qwen3-1.7b: the published Qwen3-1.7B shape, random weights, tiny tokenizer (GPU checks)")
     args = ap.parse_args(argv)
-    path = build(args.out, args.seed)
-    print(f"wrote the tiny Qwen3 model to {path}")
+    if args.shape == "qwen3-1.7b":
+        path = build_qwen3_1_7b_shaped(args.out, seed=args.seed)
+    else:
+        path = build(args.out, args.seed)
+    print(f"wrote the {args.shape} Qwen3 model to {path}")
     return 0
 
 

@@ -21,7 +21,9 @@ INSTALL = ("run([sys.executable, '-m', 'pip', 'install', '-q', 'unsloth'])\n"
            "    run(['git', 'clone', '-q', REPO_URL, 'qmd_unsloth'])\n"
            "os.chdir('qmd_unsloth')\n"
            "run([sys.executable, '-m', 'pip', 'install', '-q', '-e', '.[gpu]'])\n"
-           "run(['bash', 'scripts/install_llama_cpp.sh'])")
+           "# llama.cpp: a pre-built llama-cpp-python wheel where one exists (no 10-15 min compile), then the pinned\n"
+           "# tools folder from its source distribution (scripts/install_llama_cpp.sh)\n"
+           "run(['bash', 'scripts/install_llama_cpp.sh', '--prebuilt'])")
 
 PLATFORM = {
     "colab": {

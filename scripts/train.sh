@@ -73,10 +73,17 @@ if [ $SMOKE = 1 ]; then
   EVAL_ARGS=(--samples 1 --max-new-tokens 48)
 else
   BASE=Qwen/Qwen3-1.7B
-  if ! python -c "from huggingface_hub import snapshot_download as s; s('$BASE', local_files_only=True)" >/dev/null 2>&1; then
+  # The repo SFT really loads: on the Unsloth 4-bit path Unsloth's pre-quantized copy of BASE (prequantized_4bit in
+  # the preset; qmd_unsloth.model.weights_repo), recorded in the run folder's versions.json and config.yaml.
+  WEIGHTS=$(python -c "from qmd_unsloth import config as C; from qmd_unsloth.model import choose_backend, weights_repo
+c = C.load(C.SFTConfig, 'configs/presets/sft-$PRESET.yaml'); print('WEIGHTS=' + weights_repo(c.base_model, c, choose_backend(c.backend, c.use_cpu)))" 2>/dev/null \
+    | sed -n 's/^WEIGHTS=//p' | tail -n 1)
+  [ -n "$WEIGHTS" ] || WEIGHTS=$BASE
+  if ! python -c "from huggingface_hub import snapshot_download as s; s('$WEIGHTS', local_files_only=True)" >/dev/null 2>&1; then
     python -c "import urllib.request; urllib.request.urlopen('https://huggingface.co', timeout=10)" >/dev/null 2>&1 \
-      || die "no network for the first download of $BASE (and it is not in the Hugging Face cache)"
+      || die "no network for the first download of $WEIGHTS (the weights SFT loads for $BASE; not in the Hugging Face cache): run hf download $WEIGHTS where there is network"
   fi
+  say "base model $BASE, weights $WEIGHTS"
   SFT_ARGS=(--config "configs/presets/sft-$PRESET.yaml")
   GRPO_ARGS=(--config "configs/presets/grpo-$PRESET.yaml")
   EVAL_ARGS=(--samples 3)

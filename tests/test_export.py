@@ -40,7 +40,7 @@ def test_q4_k_m_and_q8_0_are_written_and_verified(exported):
         assert 0 < info["smoke_generation"]["tokens"] <= 32
     assert q4["bytes"] < q8["bytes"] and q4["bits_per_weight"] < q8["bits_per_weight"]
     assert (out / "qmd-query-expansion-q4_k_m.gguf").is_file()
-    assert json.loads((out / "export.json").read_text())["backend"] == "hf"
+    assert json.loads((out / "export.json").read_text())["backend"] == "llama.cpp"
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary left behind
 
 

@@ -72,7 +72,12 @@ def test_sft_cli_run_folder_contract_and_resume(tiny_model, data_file, tmp_path)
     for name in ("config.yaml", "versions.json", "data.json", "metrics.json", "loss.png"):
         assert (run / name).is_file(), name
     assert list((run / "tb").rglob("events.out.tfevents*"))
-    assert json.loads((run / "versions.json").read_text())["trl"]
+    versions = json.loads((run / "versions.json").read_text())
+    assert versions["trl"]
+    # the weights actually loaded are named (on the Unsloth 4-bit path, Unsloth's pre-quantized copy of a hub base)
+    assert versions["weights"] == {"requested": str(tiny_model), "loaded": str(tiny_model)}
+    assert (run / "config.yaml").read_text().startswith(f"# weights loaded: {tiny_model}\n")
+    assert C.load(C.SFTConfig, run / "config.yaml").base_model == str(tiny_model)  # still a loadable config
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["global_step"] == 2 and "final_eval_loss" in metrics
     assert (tmp_path / "sft" / "latest").resolve() == run.resolve()
@@ -131,6 +136,10 @@ def test_grpo_rewards_with_the_query_column_and_writes_a_merged_model(tiny_model
     logged = [h for h in metrics["log_history"] if "reward" in h]
     assert logged and "rewards/qmd_expansion_reward/mean" in logged[0]
     assert "kl" in logged[0]  # beta > 0: the KL term is computed against the adapter-disabled model
+    # the knobs Unsloth's patched GRPOConfig would otherwise change, as the trainer held them
+    assert metrics["grpo_settings"] == {"loss_type": "dapo", "beta": 0.04, "scale_rewards": "group",
+                                        "importance_sampling_level": "token", "mask_truncated_completions": False,
+                                        "epsilon_high": 0.2, "vllm_importance_sampling_correction": False}
     assert (merged.parent / "reward.png").is_file() and (merged / "model.safetensors").is_file()
     rows = [json.loads(l) for l in (merged.parent / "data" / "train.jsonl").read_text().splitlines()]
     from qmd_unsloth.prompt import render_prompt
@@ -159,5 +168,7 @@ def test_unsloth_backend_sft_through_its_cpu_fallback(tiny_model, data_file, tmp
     assert metrics["backend"] == "unsloth" and metrics["global_step"] == 2
     from qmd_unsloth.infer import expand, load
 
+    assert (run / "merged" / "model.safetensors").is_file()  # safetensors asked for, never a pickle
+    assert json.loads((run / "versions.json").read_text())["weights"]["loaded"] == str(tiny_model)
     model, tok = load(str(run / "merged"))  # save_pretrained_merged wrote a loadable 16-bit model
     assert len(expand(model, tok, ["docker volumes"], max_new_tokens=4)) == 1
