@@ -21,9 +21,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from .atomic import atomic_write_text, clean_stale
 from .cli import UserError, command
 from .config import ExportConfig
-from .llamacpp import FILE_TYPE_NAMES, ToolsMissing
+from .llamacpp import FILE_TYPE_NAMES, QUANT_TYPES
 
 SMOKE_QUERY = "auth config"
 MODELFILE = '''# Ollama: ollama create qmd-expand -f Modelfile
@@ -102,7 +103,10 @@ def generate(path: Path, prompt: str, max_tokens: int = 32, **sampling) -> tuple
 
     from .llamacpp import generate_capped
 
-    llm = Llama(model_path=str(path), n_ctx=512, verbose=False, seed=0)
+    try:
+        llm = Llama(model_path=str(path), n_ctx=512, verbose=False, seed=0)
+    except ValueError as e:  # llama-cpp-python's one answer to a file llama.cpp refuses
+        raise ExportError(f"{path.name}: llama.cpp cannot load the exported file") from e
     try:
         return generate_capped(llm, prompt, max_tokens, **sampling)
     finally:
@@ -140,15 +144,21 @@ def export(cfg: ExportConfig) -> dict:
     if cfg.model is None:
         raise ExportError("--model is required (a run folder, merged model or adapter)")
     kind, src = resolve_source(cfg.model)
+    quants = [cfg.quant, *[q for q in cfg.also if q != cfg.quant]]
+    unknown = [q for q in quants if q not in QUANT_TYPES]
+    if unknown:
+        raise ExportError(f"quant: unknown type {unknown[0]!r} (one of {', '.join(QUANT_TYPES)})")
     tools = Path(cfg.llama_cpp_dir)
     if not cfg.allow_llama_cpp_install:
         check(tools)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    quants = [cfg.quant, *[q for q in cfg.also if q != cfg.quant]]
+    clean_stale(out)  # the work folder of an export that was killed
     name = cfg.name
     report: dict = {"source": str(src), "source_kind": kind, "files": {}}
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=out) as tmp:
+    # a temporary folder named like every other temporary (.<name>.<pid>.<random>.tmp): never a result, and
+    # removed by the next run when this process dies without cleaning up
+    with tempfile.TemporaryDirectory(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=out) as tmp:
         tmp = Path(tmp)
         if kind == "adapter":
             src = merge_adapter(src, tmp / "merged")
@@ -173,8 +183,8 @@ def export(cfg: ExportConfig) -> dict:
             print(f"export: {final} {info['file_type']} {info['bytes'] / 2**20:.1f} MiB, "
                   f"{info['bits_per_weight']} bits/weight, verified in llama.cpp ({info['seconds']} s)")
     first = next(iter(report["files"]))
-    (out / "Modelfile").write_text(MODELFILE.format(gguf=first))
-    (out / "export.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "Modelfile", MODELFILE.format(gguf=first))
+    atomic_write_text(out / "export.json", json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -198,13 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import parse_stage_args
 
     cfg, _ = parse_stage_args("export", __doc__, argv)
-    from .model import ModelLoadError
-
-    try:
-        export(cfg)
-    except (ExportError, ToolsMissing, ModelLoadError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    export(cfg)  # user and environment faults become one line in the @command boundary
     return 0
 
 

@@ -11,6 +11,7 @@ llama.cpp's own tool).  Unsloth is pointed at it with ``UNSLOTH_LLAMA_CPP_PATH``
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ import tarfile
 from pathlib import Path
 
 from .cli import UserError, command
-from .atomic import atomic_folder
+from .atomic import atomic_folder, is_temporary
 
 LLAMA_CPP_PYTHON = "0.3.36"
 DEFAULT_DIR = Path(os.environ.get("QMD_UNSLOTH_CACHE", Path.home() / ".cache" / "qmd_unsloth")) / "llama.cpp"
@@ -44,6 +45,20 @@ sys.exit(0 if rc == 0 else f"llama_model_quantize failed with code {{rc}}")
 
 class ToolsMissing(UserError, RuntimeError):
     """The llama.cpp tools folder or llama-cpp-python is missing (one line, names what and how to fix)."""
+
+
+class ToolFailed(UserError, RuntimeError):
+    """llama.cpp's converter or quantizer refused the model (one line: its last message)."""
+
+
+def _tool_failed(what: str, stderr: str, outfile: Path) -> Exception:
+    """A full disk named as such (not the converter's last progress line), else the tool's last message."""
+    if any(w in stderr for w in ("No space left on device", "ENOSPC", "Disk quota exceeded")):
+        # staged in a temporary folder of the output folder: name the output folder the user chose
+        where = outfile.parent.parent / outfile.name if is_temporary(outfile.parent) else outfile
+        return OSError(errno.ENOSPC, "No space left on device", str(where))
+    tail = [l for l in stderr.strip().splitlines() if l.strip()][-1:] or ["no output"]
+    return ToolFailed(f"{what} failed: {tail[0].strip()[:300]}")
 
 
 def check(tools: str | os.PathLike = DEFAULT_DIR) -> Path:
@@ -78,7 +93,12 @@ def prepare(tools: str | os.PathLike = DEFAULT_DIR, sdist: str | os.PathLike | N
     sdist = Path(sdist) if sdist else fetch_sdist(tools.parent / "sdist")
     with atomic_folder(tools) as tmp:
         prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
-        with tarfile.open(sdist) as tar:
+        try:
+            tar = tarfile.open(sdist)
+        except tarfile.ReadError:
+            raise ToolsMissing(f"{sdist}: not a source archive (a .tar.gz of llama-cpp-python=={LLAMA_CPP_PYTHON})") \
+                from None
+        with tar:
             members = [m for m in tar.getmembers() if m.name.startswith(prefix) and (
                 m.name[len(prefix):] == "convert_hf_to_gguf.py"
                 or m.name[len(prefix):].startswith(("conversion/", "gguf-py/")))]
@@ -98,10 +118,9 @@ def convert(tools: Path, model_dir: Path, outfile: Path, outtype: str = "f16") -
            str(outfile), "--outtype", outtype]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
                                                          os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env)
     if r.returncode != 0:
-        tail = [l for l in r.stderr.strip().splitlines() if l.strip()][-1:] or ["no output"]
-        raise RuntimeError(f"convert_hf_to_gguf.py failed on {model_dir}: {tail[0]}")
+        raise _tool_failed(f"convert_hf_to_gguf.py on {model_dir}", r.stderr, outfile)
 
 
 def _qwen2_split_regex() -> str:
@@ -145,12 +164,12 @@ def _convert_main(argv: list[str]) -> None:
 
 def quantize(tools: Path, src: Path, dst: Path, quant: str) -> None:
     if quant not in QUANT_TYPES:
-        raise ValueError(f"quant: unknown type {quant!r} (one of {', '.join(QUANT_TYPES)})")
+        raise ToolFailed(f"quant: unknown type {quant!r} (one of {', '.join(QUANT_TYPES)})")
     # through this interpreter (the script's shebang names the python that prepared the folder, for Unsloth)
     r = subprocess.run([sys.executable, str(tools / "llama-quantize"), str(src), str(dst), quant],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, errors="replace")
     if r.returncode != 0 or not dst.is_file():
-        raise RuntimeError(f"llama-quantize {quant} failed: {(r.stderr.strip().splitlines() or ['no output'])[-1]}")
+        raise _tool_failed(f"llama-quantize {quant}", r.stderr + r.stdout, dst)
 
 
 def generate_capped(llm, prompt: str, max_tokens: int, **sampling) -> tuple[str, int]:

@@ -62,12 +62,13 @@ def start(cfg: StageConfig, stage: str, resume: bool, data_hash: str | None = No
     if data_hash:
         atomic_write_text(path / "data.json", json.dumps({"data_hash": data_hash}, indent=2) + "\n")
     latest = path.parent / "latest"
-    try:
-        if latest.is_symlink() or latest.exists():
-            latest.unlink()
-        latest.symlink_to(path.name)
+    link = path.parent / f".latest.{os.getpid()}.link.tmp"
+    try:  # a new link renamed over the old one: there is always a `latest` (a kill cannot leave none)
+        link.unlink(missing_ok=True)
+        link.symlink_to(path.name)
+        os.replace(link, latest)
     except OSError:  # no symlinks on this filesystem: the run folder is still printed
-        pass
+        link.unlink(missing_ok=True)
     return path
 
 
@@ -160,10 +161,11 @@ def plot(history: list[dict], keys: tuple[str, ...], out: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    from .atomic import atomic_path
+
+    with atomic_path(out, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, out)
 
 
 def train_stage(stage: str, cfg, resume: bool, build, plot_keys: tuple[str, ...], plot_name: str,
@@ -172,9 +174,11 @@ def train_stage(stage: str, cfg, resume: bool, build, plot_keys: tuple[str, ...]
 
     ``build(cfg, run_path)`` returns ``(trainer, tokenizer, backend, extra metrics)``.
     """
-    from .data import data_hash
-    from .model import save_merged
+    from .data import check_rows, data_hash
+    from .model import resolve, save_merged
 
+    check_rows(cfg.data, cfg.seed, cfg.val_fraction)  # bad data or a bad model path: one line, before any loading
+    resolve(base_name, getattr(cfg, "gguf_file", None))
     run_path = start(cfg, stage, resume, data_hash(cfg.data))
     trainer, tokenizer, backend, extra = build(cfg, run_path)
     stopper = stop_callback()
