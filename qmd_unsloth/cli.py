@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import sys
 from typing import Callable
 
@@ -143,6 +144,12 @@ def command(prog: str) -> Callable:
                 return main(*args, **kwargs)
             except SystemExit:
                 raise
+            except BrokenPipeError:  # `... | head` closed our output: stop quietly, as other Unix tools do
+                try:
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                except (OSError, ValueError):
+                    pass
+                return 141
             except BaseException as e:
                 code = report(e, prog)
                 if code is None:

@@ -294,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.cmd == "validate":
+        if not data_files(args.paths):
+            raise DataError([f"{', '.join(args.paths)}: no *.jsonl files in this folder"])
         errors, good = validate(args.paths)
         for e in errors:
             print(e)

@@ -67,9 +67,14 @@ def merge_adapter(adapter: Path, out: Path) -> Path:
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
 
-    model = AutoPeftModelForCausalLM.from_pretrained(adapter).merge_and_unload()
+    try:
+        model = AutoPeftModelForCausalLM.from_pretrained(adapter).merge_and_unload()
+        tokenizer = AutoTokenizer.from_pretrained(adapter)
+    except (OSError, ValueError) as e:  # a broken adapter_config.json, missing weights, a base not in the cache
+        why = " ".join(str(e).split())[:160] or type(e).__name__
+        raise ExportError(f"{adapter}: cannot load this LoRA adapter and its base model ({why})") from e
     model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(adapter).save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out
 
 

@@ -266,3 +266,18 @@ sys.exit(main())
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and err.strip() == "demo: interrupted" and target.read_text() == "new"
+
+
+def test_a_closed_output_pipe_stops_quietly(tmp_path):
+    """`python -m qmd_unsloth.reward -v rows.jsonl | head -1`: no BrokenPipeError traceback."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"query": f"docker volumes {i}", "completion": "lex: docker volumes"}) + "\n"
+                            for i in range(4000)))  # far more output than a pipe holds
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "qmd_unsloth.reward", "-v", str(rows)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, cwd=REPO)
+    proc.stdout.read(10)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "Traceback" not in err and proc.returncode == 141, err

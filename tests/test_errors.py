@@ -1,8 +1,9 @@
 """Every command, run as a user runs it, on bad inputs: exit status 1 or 2, a short stderr ending in one `error:` line
 that says what is wrong, no traceback, and nothing half-written under a final name.
 
-Each row of CASES is one `python -m qmd_unsloth.<command> ...` in a subprocess.  Most fail before torch is imported
-(a second or two each); the few that must load transformers or llama.cpp to find the fault are marked in their id.
+Each row of CASES is one `python -m qmd_unsloth.<command> ...` in a subprocess; the rows run side by side, as many as
+there are CPUs.  Most fail before torch is imported (a second or two each); rows that must load transformers or wait
+on the hub's retries are marked slow (`pytest -m slow tests/test_errors.py`).
 """
 
 from __future__ import annotations
@@ -37,18 +38,22 @@ class Case:
     slow: bool = False  # loads transformers or waits on retries: run with `pytest -m slow`
 
 
-# THE TABLE.  To cover a new command, add one line per bad input, e.g.
+# THE TABLE.  To cover a new command, add one line per bad input (and its name to STAGES in __main__.py), e.g.
 #     Case("serve", "--model {fx}/junk.gguf --port {busy_port}", 1, "address already in use"),
-#     Case("generate", "--endpoint {dead_url} --out {tmp}/g.jsonl", 1, "connection refused"),
-# Placeholders: {tmp} an empty folder for this row; {fx} shared bad files (made by `fixtures` below: afile, empty.jsonl,
-# latin1.jsonl, badjson.jsonl, bad.yaml, list.yaml, junk.gguf (not a GGUF), trunc.gguf (a GGUF cut short), noconfig/
-# (a folder without config.json), badconfig/ (config.json that is not JSON), beir/ and badbeir/ (collections),
-# badexp.jsonl, hubrun/ (a run folder with a .gguf), q.txt, noq.txt, q_latin1.txt); {ro} a read-only tmpfs; {full} a
-# 1 MiB tmpfs filled up before each row; {tiny} the tiny model; {busy_port} a port this test holds open; {dead_url} an http URL nobody
-# listens on; {blocker} a folder for PYTHONPATH that hides the packages named in QMD_TEST_BLOCK (see BLOCKER).
+#     Case("generate", "--endpoint {dead_url}/v1 --out {tmp}/g.jsonl", 1, "connection refused"),
+# Fields: command, arguments, exit status, a fragment of the `error:` line; optional env, absent (paths that must not
+# exist afterwards), needs ("ro", "full", "tools", "llama_cpp": skipped with the reason when missing), slow=True.
+# Placeholders: {tmp} an empty folder of the row; {ro} a read-only tmpfs; {full} a 1 MiB tmpfs filled up before the
+# row; {tiny} the tiny model; {busy_port} a port this test holds open; {dead_url} an http URL nobody listens on;
+# {blocker} a PYTHONPATH folder that hides the packages named in QMD_TEST_BLOCK (see BLOCKER); {fx} shared bad files
+# made by `fixtures` below: afile, empty.jsonl, latin1.jsonl, badjson.jsonl, bad.yaml, list.yaml, junk.gguf (not a
+# GGUF), trunc.gguf (a GGUF cut short), noconfig/ (no config.json), badconfig/ (config.json not JSON), badadapter/
+# (adapter_config.json not JSON), beir/ and badbeir/ (collections), badexp.jsonl, hubrun/ (a run folder with a .gguf),
+# q.txt, noq.txt, q_latin1.txt.
 CASES = [
     # data
     Case("data", "validate {fx}/nope.jsonl", 1, "0 good rows, 1 problem(s)"),
+    Case("data", "validate {fx}/noconfig", 1, "noconfig: no *.jsonl files in this folder"),
     Case("data", "prepare {fx}/latin1.jsonl --out {tmp}/o", 1, "latin1.jsonl:1: not UTF-8 (byte 0xe9 at column 15)",
          absent=("{tmp}/o/train.jsonl",)),
     Case("data", "prepare {fx}/empty.jsonl --out {tmp}/o", 1, "empty.jsonl: no training rows",
@@ -95,6 +100,8 @@ CASES = [
          "none/convert_hf_to_gguf.py is missing; prepare them with"),
     Case("export", "--model {tiny} --out {ro}/g", 1, "{ro}/g: read-only file system", needs=("ro", "tools")),
     Case("export", "--model {fx}/badconfig --out {tmp}/g", 1, "badconfig: cannot load this model",
+         needs=("tools",), slow=True),
+    Case("export", "--model {fx}/badadapter --out {tmp}/g", 1, "badadapter: cannot load this LoRA adapter",
          needs=("tools",), slow=True),
     Case("export", "--model {tiny} --out {full}/g", 1, "qmd-query-expansion-f16.gguf: no space left on device",
          needs=("full", "tools"), absent=("{full}/g/qmd-query-expansion-q4_k_m.gguf",)),  # the converter runs
@@ -208,6 +215,8 @@ def fixtures(tmp_path_factory):
     (fx / "noconfig").mkdir()
     (fx / "badconfig").mkdir()
     (fx / "badconfig" / "config.json").write_text("{not json")
+    (fx / "badadapter").mkdir()
+    (fx / "badadapter" / "adapter_config.json").write_text("{not json")
     (fx / "q.txt").write_text("# category: devops\ndocker volumes\n")
     (fx / "noq.txt").write_text("# category: devops\n# nothing else\n")
     (fx / "q_latin1.txt").write_bytes("caf\u00e9 menu\n".encode("latin-1"))
