@@ -99,7 +99,9 @@ def files_to_push(run: Path, what: str) -> tuple[Path, list[str] | None]:
         if not (folder / "config.json").is_file():
             raise HubError(f"{run}: no merged model (merged/config.json)")
         return folder, None
-    ckpts = sorted((run / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    ckpts = sorted((p for p in (run / "checkpoints").glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+                    and (p / "trainer_state.json").is_file()),  # complete ones only: the Trainer writes it last
+                   key=lambda p: int(p.name.split("-")[-1]))
     folder = ckpts[-1] if ckpts else run
     if not (folder / "adapter_config.json").is_file():
         raise HubError(f"{run}: no LoRA adapter (adapter_config.json)")

@@ -53,7 +53,7 @@ class ToolFailed(UserError, RuntimeError):
 
 def _tool_failed(what: str, stderr: str, outfile: Path) -> Exception:
     """A full disk named as such (not the converter's last progress line), else the tool's last message."""
-    if any(w in stderr for w in ("No space left on device", "ENOSPC", "Disk quota exceeded")):
+    if any(w in stderr.lower() for w in ("no space left on device", "enospc", "disk quota exceeded")):
         # staged in a temporary folder of the output folder: name the output folder the user chose
         where = outfile.parent.parent / outfile.name if is_temporary(outfile.parent) else outfile
         return OSError(errno.ENOSPC, "No space left on device", str(where))

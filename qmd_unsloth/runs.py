@@ -100,10 +100,12 @@ def training_args(cfg, run: Path, backend: str) -> dict:
 
 
 def last_checkpoint(path: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """The newest complete checkpoint: the Trainer writes ``trainer_state.json`` last, so a checkpoint that a kill or
+    a full disk cut short (weights but no state) is never resumed from."""
     ckpt = path / "checkpoints"
-    return get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None
+    done = [p for p in ckpt.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+            and (p / "trainer_state.json").is_file()] if ckpt.is_dir() else []
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
 
 
 def stop_callback():

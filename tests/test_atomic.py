@@ -281,3 +281,31 @@ def test_a_closed_output_pipe_stops_quietly(tmp_path):
     err = proc.stderr.read().decode()
     proc.wait(timeout=60)
     assert "Traceback" not in err and proc.returncode == 141, err
+
+
+# ---- leftovers are never taken for results -----------------------------------------------------------------------
+
+def test_resume_skips_a_checkpoint_cut_short(tmp_path):
+    from qmd_unsloth.runs import last_checkpoint
+
+    ckpts = tmp_path / "checkpoints"
+    for step, complete in ((10, True), (20, True), (30, False)):  # 30: killed while saving (no trainer_state.json)
+        (ckpts / f"checkpoint-{step}").mkdir(parents=True)
+        (ckpts / f"checkpoint-{step}" / "adapter_model.safetensors").write_bytes(b"w")
+        if complete:
+            (ckpts / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (ckpts / "checkpoint-x").mkdir()
+    assert last_checkpoint(tmp_path) == str(ckpts / "checkpoint-20")
+    assert last_checkpoint(tmp_path / "none") is None
+
+
+def test_latest_link_moves_in_one_step_and_leaves_no_temporary(tmp_path):
+    from qmd_unsloth import config as C
+    from qmd_unsloth.runs import start
+
+    first = start(C.load(C.SFTConfig, None, output_dir=tmp_path, run_name="a"), "sft", resume=False)
+    second = start(C.load(C.SFTConfig, None, output_dir=tmp_path, run_name="b"), "sft", resume=False)
+    latest = tmp_path / "sft" / "latest"
+    assert latest.is_symlink() and latest.resolve() == second.resolve() and first.is_dir()
+    assert sorted(p.name for p in (tmp_path / "sft").iterdir()) == ["a", "b", "latest"]
+    assert (second / "config.yaml").is_file() and not [p for p in second.iterdir() if is_temporary(p)]

@@ -103,7 +103,7 @@ CASES = [
          needs=("tools",), slow=True),
     Case("export", "--model {fx}/badadapter --out {tmp}/g", 1, "badadapter: cannot load this LoRA adapter",
          needs=("tools",), slow=True),
-    Case("export", "--model {tiny} --out {full}/g", 1, "qmd-query-expansion-f16.gguf: no space left on device",
+    Case("export", "--model {tiny} --out {full}/g", 1, "{full}/g/qmd-query-expansion-f16.gguf: no space left on device",
          needs=("full", "tools"), absent=("{full}/g/qmd-query-expansion-q4_k_m.gguf",)),  # the converter runs
     # eval
     Case("eval", "--queries {fx}/q.txt", 1, "--model is required"),
