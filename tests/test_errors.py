@@ -305,7 +305,11 @@ def _run_case(case: Case, root: Path, fx: Path, tiny: Path, ports) -> Outcome:
 
         args = [fill(a) for a in case.args.split(" ") if a]
         env = {k: fill(v) for k, v in case.env.items()}
-        r = run_module(f"qmd_unsloth.{case.cmd}", *args, env=env, timeout=300)
+        try:
+            r = run_module(f"qmd_unsloth.{case.cmd}", *args, env=env, timeout=600)
+        except subprocess.TimeoutExpired as e:
+            stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+            return Outcome(-1, f"{stderr}\n(timed out after 600 s)", fill(case.says), [], [])
         written = [fill(p) for p in case.absent if Path(fill(p)).exists()]
         leftovers = [str(p) for folder in [tmp, *mounted] for p in folder.rglob(".*.tmp*")]
         return Outcome(r.returncode, r.stderr, fill(case.says), written, leftovers)
@@ -325,7 +329,9 @@ def outcomes(request, fixtures, ports, tiny_model, can_mount, tmp_path_factory):
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
         futures = {id(c): pool.submit(_run_case, c, root / str(i), fixtures, tiny_model, ports)
                    for i, c in enumerate(todo)}
-        return {key: f.result() for key, f in futures.items()}
+        for f in futures.values():
+            f.exception()  # wait for all; a row that failed to run fails alone, in its own test
+    return futures
 
 
 def _id(case: Case) -> str:
@@ -338,7 +344,7 @@ def test_bad_input_is_one_line_error(case, outcomes, can_mount):
     reason = _skip_reason(case, can_mount)
     if reason:
         pytest.skip(reason)
-    out = outcomes[id(case)]
+    out = outcomes[id(case)].result()
     shown = f"exit {out.code}\nstderr:\n{out.stderr[-3000:]}"
     assert TRACEBACK not in out.stderr, shown
     assert out.code == case.code, shown
