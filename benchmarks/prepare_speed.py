@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from qmd_unsloth.atomic import atomic_write_text  # noqa: E402
 from qmd_unsloth.data import load_examples, prepare  # noqa: E402
 
 
@@ -37,7 +38,7 @@ def main():
               "rows_per_second": round(args.rows / secs), "train": meta["train"], "val": meta["val"],
               "goal_seconds": 2.0, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
     print(f"prepare: {args.rows:,} rows in {secs:.2f} s ({result['rows_per_second']:,} rows/s)")
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

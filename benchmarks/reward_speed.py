@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from qmd_unsloth.atomic import atomic_write_text  # noqa: E402
 from qmd_unsloth.data import load_examples  # noqa: E402
 from qmd_unsloth.prompt import format_target  # noqa: E402
 from qmd_unsloth.reward import score_expansion  # noqa: E402
@@ -56,7 +57,7 @@ def main():
     print(f"reward: {result['per_second_best_of_3']:,} completions/s on one core "
           f"({len(rows):,} completions, mean {result['mean_chars']} chars)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-_TMP = re.compile(r"^\..+\.(\d+)\.[A-Za-z0-9_]+\.tmp(\.[A-Za-z0-9]+)?$")
+_TMP = re.compile(r"^\.(.+)\.(\d+)\.([A-Za-z0-9_]+)\.tmp(\.[A-Za-z0-9]+)?$")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()  # read once, at import: changing it later from a thread would race with other file creation
+_FILE_MODE = 0o666 & ~_UMASK  # what open() would give; mkstemp's 0600 would hide outputs from other users
+_DIR_MODE = 0o777 & ~_UMASK | 0o700
 
 
 def _tmp_prefix(name: str) -> str:
@@ -43,7 +54,10 @@ def is_temporary(path: str | os.PathLike) -> bool:
 
 
 def clean_stale(folder: str | os.PathLike) -> list[Path]:
-    """Removes temporaries in ``folder`` whose writing process is gone; returns what was removed."""
+    """Removes temporaries in ``folder`` whose writing process is gone; returns what was removed.
+
+    One exception: a process killed inside ``atomic_folder``'s swap (old output moved aside, new one not yet in
+    place) left the old output as ``.<name>.<pid>.old.tmp`` and nothing under ``<name>``; it is moved back."""
     folder = Path(folder)
     removed: list[Path] = []
     try:
@@ -52,8 +66,15 @@ def clean_stale(folder: str | os.PathLike) -> list[Path]:
         return removed
     for p in entries:
         m = _TMP.match(p.name)
-        if not m or _pid_alive(int(m.group(1))):
+        if not m or _pid_alive(int(m.group(2))):
             continue
+        final = folder / m.group(1)
+        if m.group(3) == "old" and not (final.exists() or final.is_symlink()):
+            try:
+                os.replace(p, final)
+                continue
+            except OSError:
+                pass
         try:
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
@@ -65,22 +86,58 @@ def clean_stale(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def _renamed(e: OSError, tmp: Path, final: Path) -> OSError:
+    """The same fault, naming the output the user asked for instead of its temporary name."""
+    if e.errno is None:
+        return e
+    if e.filename is None:  # a failed write() names no file: name the output
+        return OSError(e.errno, e.strerror, str(final))
+    name = str(e.filename)
+    if not name.startswith(str(tmp)):
+        return e
+    return OSError(e.errno, e.strerror, str(final) + name[len(str(tmp)):])
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yields a temporary file path beside ``path`` (nothing created yet); on success it is renamed to ``path``.
+    """Yields a temporary file path beside ``path`` (an empty file reserved under a unique name); on success it is
+    renamed to ``path``, on any error removed.
 
-    For writers that insist on a file name of their own (matplotlib, SQLite backups, converters).  ``suffix`` keeps
-    an extension a writer needs (``.png``).
+    For writers that insist on opening a file name themselves (matplotlib, SQLite, converters).  ``suffix`` keeps an
+    extension a writer needs (``.png``).  An OSError about the temporary names ``path`` instead.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path.name), suffix=".tmp" + suffix, dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path.name), suffix=".tmp" + suffix, dir=path.parent)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
+        os.chmod(tmp_path, _FILE_MODE)
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as e:
+        tmp_path.unlink(missing_ok=True)
+        renamed = _renamed(e, tmp_path, path)
+        if renamed is e:
+            raise
+        raise renamed from e
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -93,6 +150,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+    _fsync_dir(Path(path).parent)  # the rename itself survives a power cut
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -106,10 +164,13 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(path.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path.name), suffix=".tmp", dir=path.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path.name), suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         yield tmp
-        tmp.chmod(0o755)
+        tmp.chmod(_DIR_MODE)
         if path.exists() or path.is_symlink():
             old = path.with_name(f"{_tmp_prefix(path.name)}old.tmp")
             os.replace(path, old)  # the old folder moves aside in one step, then the new one takes its name
@@ -117,6 +178,12 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        renamed = _renamed(e, tmp, path)
+        if renamed is e:
+            raise
+        raise renamed from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from .atomic import atomic_write_text
 from .cli import command
 from .retrieval import (DEPTH, EXPANSION_WEIGHT, RAW_WEIGHT, RRF_K, BenchError, Collection, Retriever,
                         load_collection, runs_for)
@@ -58,8 +59,7 @@ def expansions_from_model(model: str, queries: dict[str, str], out: Path,
         completion, _ = gen(text)
         result[qid] = parse_completion(completion)
         lines.append(json.dumps({"id": qid, "query": text, "completion": completion}) + "\n")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "expansions.jsonl").write_text("".join(lines))
+    atomic_write_text(out / "expansions.jsonl", "".join(lines))
     return result
 
 
@@ -68,7 +68,17 @@ def load_expansions(path: Path) -> dict[str, list[tuple[str, str]]]:
 
     if not path.is_file():
         raise BenchError(f"{path}: expansions file not found")
-    return {str(r["id"]): parse_completion(r["completion"]) for r in map(json.loads, path.read_text().splitlines())}
+    out = {}
+    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            out[str(r["id"])] = parse_completion(r["completion"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise BenchError(f"{path}:{lineno}: need a JSON object with 'id' and 'completion' (as bench writes in "
+                             f"expansions.jsonl; {type(e).__name__})") from None
+    return out
 
 
 def retrieval(args) -> dict:
@@ -96,8 +106,7 @@ def retrieval(args) -> dict:
     result = {"collection": str(args.collection), "qrels": args.qrels, "documents": len(col.docs), "queries": len(queries),
               "model": args.model, "expansions": args.expansions, "seconds": round(time.perf_counter() - t0, 1),
               "rrf_k": RRF_K, "weights": {"raw": RAW_WEIGHT, "expansion": EXPANSION_WEIGHT}, "metrics": metrics}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "retrieval.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / "retrieval.json", json.dumps(result, indent=2) + "\n")
     print(f"{len(queries)} queries over {len(col.docs)} documents ({args.collection})")
     print("| run | nDCG@10 | recall@100 |\n|---|---:|---:|")
     for name, m in metrics.items():

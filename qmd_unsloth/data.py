@@ -189,6 +189,15 @@ def load_examples(paths: Iterable[str | os.PathLike] | None = None, dedupe: bool
     return examples
 
 
+def check_rows(paths=None, seed: int = SPLIT_SEED, val_fraction: float = VAL_FRACTION) -> list[Example]:
+    """The examples, or DataError when a file is bad or no training row is left (an empty file or folder)."""
+    examples = load_examples(paths)
+    if not split(examples, seed, val_fraction)[0]:
+        where = ", ".join(str(p) for p in (paths or [DEFAULT_DATA_DIR]))
+        raise DataError([f"{where}: no training rows (an empty file, or a folder without *.jsonl files)"])
+    return examples
+
+
 def is_val(query: str, seed: int = SPLIT_SEED, val_fraction: float = VAL_FRACTION) -> bool:
     """Deterministic split by a seeded hash of the normalised query: adding rows never moves old ones."""
     digest = hashlib.sha256(f"{seed}:{normalise_query(query)}".encode()).digest()
@@ -227,9 +236,10 @@ def prepared_rows(examples: list[Example], chat_template: str | None = None) -> 
 def prepare(out_dir, paths=None, seed: int = SPLIT_SEED, val_fraction: float = VAL_FRACTION,
             chat_template: str | None = None) -> dict:
     """Writes ``train.jsonl``, ``val.jsonl`` and ``prepare.json`` (counts, seed, data hash) into ``out_dir``."""
-    examples = load_examples(paths)
+    examples = check_rows(paths, seed, val_fraction)
     train, val = split(examples, seed, val_fraction)
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)  # an output folder that cannot be made fails before the rendering
     for name, part in (("train", train), ("val", val)):
         rows = prepared_rows(part, chat_template)
         atomic_write_text(out_dir / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -319,10 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.cmd == "validate":
+        if not data_files(args.paths):
+            raise DataError([f"{', '.join(args.paths)}: no *.jsonl files in this folder"])
         errors, good = validate(args.paths)
         for e in errors:
             print(e)
-        print(f"{good} good rows, {len(errors)} problem(s)", file=sys.stderr)
+        print(f"{'error: ' if errors else ''}{good} good rows, {len(errors)} problem(s)", file=sys.stderr)
         return 1 if errors else 0
     try:
         if args.cmd == "prepare":
@@ -339,8 +351,12 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_text(args.json, json.dumps({k: v for k, v in st.items() if k != "_scores"}, indent=2) + "\n")
         return 0
     except DataError as e:
-        for err in e.errors:
+        if len(e.errors) == 1:
+            raise
+        for err in e.errors[:10]:
             print(err, file=sys.stderr)
+        more = " (the first 10 above; python -m qmd_unsloth.data validate lists all)" if len(e.errors) > 10 else ""
+        print(f"error: {len(e.errors)} problems in the data{more}", file=sys.stderr)
         return 1
 
 

@@ -55,7 +55,12 @@ def read_queries(path: Path) -> list[tuple[str, str]]:
     if not Path(path).is_file():
         raise EvalError(f"{path}: queries file not found")
     out, cat = [], "(none)"
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise EvalError(f"{path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as UTF-8") \
+            from None
+    for line in text.splitlines():
         line = line.strip()
         if line.startswith("# category:"):
             cat = line.split(":", 1)[1].strip() or "(none)"
@@ -72,7 +77,11 @@ class GGUFGenerator:
     def __init__(self, path: Path, cfg: EvalConfig):
         from llama_cpp import Llama, LlamaGrammar
 
-        self.llm = Llama(model_path=str(path), n_ctx=1024, verbose=False, seed=cfg.seed)
+        try:
+            self.llm = Llama(model_path=str(path), n_ctx=1024, verbose=False, seed=cfg.seed)
+        except ValueError as e:  # llama-cpp-python's one answer to a file llama.cpp refuses
+            raise EvalError(f"{path}: llama.cpp cannot load this GGUF (corrupt, truncated, not a GGUF or an "
+                            f"unsupported architecture); export it again with python -m qmd_unsloth.export") from e
         self.grammar = LlamaGrammar.from_string(GBNF, verbose=False)
         self.template = self.llm.metadata.get("tokenizer.chat_template")
         self.cfg = cfg
@@ -211,10 +220,11 @@ def chart(reports: list[dict], out: Path) -> None:
     ax.set_ylabel("mean reward")
     ax.legend()
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    from .atomic import atomic_path
+
+    with atomic_path(out, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    tmp.replace(out)
 
 
 def run(cfg: EvalConfig) -> list[dict]:
@@ -223,10 +233,11 @@ def run(cfg: EvalConfig) -> list[dict]:
     if not cfg.model:
         raise EvalError("--model is required (a .gguf file or a HF model folder)")
     queries = read_queries(cfg.queries)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)  # an output folder that cannot be made fails now, not after generating
     reports = [evaluate(cfg.model, queries, cfg)]
     if cfg.compare:
         reports.append(evaluate(cfg.compare, queries, cfg))
-    out = Path(cfg.out)
     atomic_write_text(out / "report.json", json.dumps(reports[0] if len(reports) == 1 else
                                                       {"models": reports}, indent=2) + "\n")
     atomic_write_text(out / "report.md", markdown(reports))

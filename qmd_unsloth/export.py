@@ -22,10 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from .atomic import atomic_write_text, clean_stale
 from .cli import UserError, command
 from .config import ExportConfig
 from .gguf_check import SMOKE_QUERY, GGUFCheckError, read_gguf, verify_gguf  # noqa: F401 (re-exported)
-from .llamacpp import ToolsMissing
+from .llamacpp import QUANT_TYPES, ToolsMissing
 
 MODELFILE = '''# Ollama: ollama create qmd-expand -f Modelfile
 # QMD's serving settings: no system prompt, temperature 0.7, top-k 20, top-p 0.8.  The prompt must be the full user
@@ -67,9 +68,14 @@ def merge_adapter(adapter: Path, out: Path) -> Path:
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
 
-    model = AutoPeftModelForCausalLM.from_pretrained(adapter).merge_and_unload()
+    try:
+        model = AutoPeftModelForCausalLM.from_pretrained(adapter).merge_and_unload()
+        tokenizer = AutoTokenizer.from_pretrained(adapter)
+    except (OSError, ValueError) as e:  # a broken adapter_config.json, missing weights, a base not in the cache
+        why = " ".join(str(e).split())[:160] or type(e).__name__
+        raise ExportError(f"{adapter}: cannot load this LoRA adapter and its base model ({why})") from e
     model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(adapter).save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out
 
 
@@ -97,6 +103,10 @@ def export(cfg: ExportConfig) -> dict:
     if cfg.model is None:
         raise ExportError("--model is required (a run folder, merged model or adapter)")
     kind, src = resolve_source(cfg.model)
+    quants = [cfg.quant, *[q for q in cfg.also if q != cfg.quant]]
+    unknown = [q for q in quants if q not in QUANT_TYPES]
+    if unknown:
+        raise ExportError(f"quant: unknown type {unknown[0]!r} (one of {', '.join(QUANT_TYPES)})")
     tools = Path(cfg.llama_cpp_dir)
     if not cfg.allow_llama_cpp_install:
         check(tools)
@@ -111,10 +121,12 @@ def export(cfg: ExportConfig) -> dict:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    quants = [cfg.quant, *[q for q in cfg.also if q != cfg.quant]]
+    clean_stale(out)  # the work folder of an export that was killed
     name = cfg.name
     report: dict = {"source": str(src), "source_kind": kind, "files": {}}
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=out) as tmp:
+    # a temporary folder named like every other temporary (.<name>.<pid>.<random>.tmp): never a result, and
+    # removed by the next run when this process dies without cleaning up
+    with tempfile.TemporaryDirectory(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=out) as tmp:
         tmp = Path(tmp)
         if kind == "adapter":
             src = merge_adapter(src, tmp / "merged")
@@ -138,8 +150,8 @@ def export(cfg: ExportConfig) -> dict:
             print(f"export: {final} {info['file_type']} {info['bytes'] / 2**20:.1f} MiB, "
                   f"{info['bits_per_weight']} bits/weight, verified in llama.cpp ({info['seconds']} s)")
     first = next(iter(report["files"]))
-    (out / "Modelfile").write_text(MODELFILE.format(gguf=first))
-    (out / "export.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "Modelfile", MODELFILE.format(gguf=first))
+    atomic_write_text(out / "export.json", json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -171,13 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import parse_stage_args
 
     cfg, _ = parse_stage_args("export", __doc__, argv)
-    from .model import ModelLoadError, UnslothToolsMismatch
-
-    try:
-        report = export(cfg)
-    except (ExportError, ToolsMissing, ModelLoadError, UnslothToolsMismatch, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    report = export(cfg)  # user and environment faults become one line in the @command boundary
     _after_export(cfg, Path(cfg.out) / next(iter(report["files"])))
     return 0
 

@@ -27,8 +27,14 @@ def find_eval(run: Path, explicit: str | None) -> dict | None:
     """The eval report: --eval, or report.json in the run folder or its eval/ subfolder."""
     for p in ([Path(explicit)] if explicit else [run / "report.json", run / "eval" / "report.json"]):
         if p.is_file():
-            data = json.loads(p.read_text())
-            return data["models"][0] if "models" in data else data
+            try:
+                data = json.loads(p.read_text(encoding="utf-8"))
+                data = data["models"][0] if "models" in data else data
+                float(data["mean_score"])
+            except (ValueError, KeyError, IndexError, TypeError) as e:
+                raise HubError(f"{p}: not an eval report.json of python -m qmd_unsloth.eval "
+                               f"({type(e).__name__}: {' '.join(str(e).split())[:80]})") from None
+            return data
         if explicit:
             raise HubError(f"{p}: eval report not found")
     return None
@@ -40,7 +46,10 @@ def render_card(run: Path, repo: str, what: str, report: dict | None) -> str:
 
     config_file = run / "config.yaml"
     if not config_file.is_file() and (run / "export.json").is_file():  # an export folder: the run it came from
-        config_file = Path(json.loads((run / "export.json").read_text())["source"]).parent / "config.yaml"
+        try:
+            config_file = Path(json.loads((run / "export.json").read_text())["source"]).parent / "config.yaml"
+        except (ValueError, KeyError, TypeError):
+            raise HubError(f"{run / 'export.json'}: not an export.json of python -m qmd_unsloth.export") from None
     config = config_file.read_text() if config_file.is_file() else "(no config.yaml in the run)"
     base = "Qwen/Qwen3-1.7B"
     m = re.search(r"^(?:base_model|sft_model): (.+)$", config, re.M)
@@ -64,10 +73,14 @@ def render_card(run: Path, repo: str, what: str, report: dict | None) -> str:
 
 def current_score(api, repo: str) -> float | None:
     """The eval mean score recorded in the repo's current card, or None (no repo, no card, no score)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
     from huggingface_hub.utils import EntryNotFoundError, RepositoryNotFoundError
 
     try:
         path = api.hf_hub_download(repo_id=repo, filename="README.md")
+    except LocalEntryNotFoundError as e:  # the hub did not answer (and no cached copy): never skip the score gate
+        raise HubError(f"{repo}: cannot reach the hub to read the current model card (network, proxy or "
+                       f"HF_ENDPOINT); try again when it is reachable") from e
     except (RepositoryNotFoundError, EntryNotFoundError):
         return None
     m = SCORE_MARK.search(Path(path).read_text(encoding="utf-8"))
@@ -86,7 +99,9 @@ def files_to_push(run: Path, what: str) -> tuple[Path, list[str] | None]:
         if not (folder / "config.json").is_file():
             raise HubError(f"{run}: no merged model (merged/config.json)")
         return folder, None
-    ckpts = sorted((run / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    ckpts = sorted((p for p in (run / "checkpoints").glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+                    and (p / "trainer_state.json").is_file()),  # complete ones only: the Trainer writes it last
+                   key=lambda p: int(p.name.split("-")[-1]))
     folder = ckpts[-1] if ckpts else run
     if not (folder / "adapter_config.json").is_file():
         raise HubError(f"{run}: no LoRA adapter (adapter_config.json)")
@@ -108,6 +123,8 @@ def push(run: Path, repo: str, what: str = "gguf", eval_path: str | None = None,
         api = HfApi()
     try:
         old = current_score(api, repo)
+    except HubError:
+        raise
     except Exception as e:  # network or auth failure inside huggingface_hub: one line, never the token
         raise HubError(f"{repo}: cannot read the current model card ({type(e).__name__})") from None
     new = report["mean_score"] if report else None
@@ -120,6 +137,7 @@ def push(run: Path, repo: str, what: str = "gguf", eval_path: str | None = None,
         api.create_repo(repo_id=repo, private=private, exist_ok=True)
         if not card_only:
             api.upload_folder(repo_id=repo, folder_path=str(folder), allow_patterns=patterns,
+                              ignore_patterns=[".*", "*/.*"],  # temporaries of a running or killed export
                               commit_message=f"qmd_unsloth: {what} from {run.name}")
         api.upload_file(repo_id=repo, path_or_fileobj=card.encode(), path_in_repo="README.md",
                         commit_message="qmd_unsloth: model card")
@@ -147,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--eval")
     args = ap.parse_args(argv)
     try:
+        if not Path(args.run).is_dir():
+            raise HubError(f"{args.run}: run folder not found")
         if args.cmd == "card":
             print(render_card(Path(args.run), args.repo, args.what, find_eval(Path(args.run), args.eval)))
             return 0

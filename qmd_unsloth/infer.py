@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 
 def expand(model, tokenizer, queries: list[str], greedy: bool = True, max_new_tokens: int = 256,
            temperature: float = 0.7, top_k: int = 20, top_p: float = 0.8) -> list[str]:
@@ -30,9 +32,16 @@ def expand(model, tokenizer, queries: list[str], greedy: bool = True, max_new_to
 def load(path: str):
     from transformers import AutoModelForCausalLM
 
-    from .model import load_tokenizer, resolve
+    from .model import _bad_gguf, _offline_error, load_tokenizer, resolve
 
     folder, gguf = resolve(path)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf) if gguf else \
-        AutoModelForCausalLM.from_pretrained(folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf) if gguf else \
+            AutoModelForCausalLM.from_pretrained(folder)
+    except OSError as e:  # missing weights, a broken config.json, a hub id not in the cache
+        raise _offline_error(path, e) from None
+    except (ValueError, struct.error) as e:
+        if not gguf:
+            raise
+        raise _bad_gguf(path, e) from e
     return model.eval(), load_tokenizer(path)

@@ -15,6 +15,7 @@ unknown hash converts as ``qwen2``), and Unsloth's prebuilt-install marker so th
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import subprocess
@@ -24,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .cli import UserError, command
-from .atomic import atomic_folder
+from .atomic import atomic_folder, is_temporary
 
 LLAMA_CPP_PYTHON = "0.3.36"
 TOOLS_VERSION = 2  # bump when prepare() changes what the folder holds: check() then asks for a fresh prepare
@@ -91,6 +92,20 @@ class ToolsMissing(UserError, RuntimeError):
     """The llama.cpp tools folder or llama-cpp-python is missing (one line, names what and how to fix)."""
 
 
+class ToolFailed(UserError, RuntimeError):
+    """llama.cpp's converter or quantizer refused the model (one line: its last message)."""
+
+
+def _tool_failed(what: str, stderr: str, outfile: Path) -> Exception:
+    """A full disk named as such (not the converter's last progress line), else the tool's last message."""
+    if any(w in stderr.lower() for w in ("no space left on device", "enospc", "disk quota exceeded")):
+        # staged in a temporary folder of the output folder: name the output folder the user chose
+        where = outfile.parent.parent / outfile.name if is_temporary(outfile.parent) else outfile
+        return OSError(errno.ENOSPC, "No space left on device", str(where))
+    tail = [l for l in stderr.strip().splitlines() if l.strip()][-1:] or ["no output"]
+    return ToolFailed(f"{what} failed: {tail[0].strip()[:300]}")
+
+
 def check(tools: str | os.PathLike | None = None) -> Path:
     """Returns the tools folder, or raises ToolsMissing naming the missing piece and the command that prepares it."""
     tools = Path(tools) if tools is not None else default_dir()
@@ -130,7 +145,12 @@ def prepare(tools: str | os.PathLike | None = None, sdist: str | os.PathLike | N
     sdist = Path(sdist) if sdist else fetch_sdist(tools.parent / "sdist")
     with atomic_folder(tools) as tmp:
         prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
-        with tarfile.open(sdist) as tar:
+        try:
+            tar = tarfile.open(sdist)
+        except tarfile.ReadError:
+            raise ToolsMissing(f"{sdist}: not a source archive (a .tar.gz of llama-cpp-python=={LLAMA_CPP_PYTHON})") \
+                from None
+        with tar:
             members = [m for m in tar.getmembers() if m.name.startswith(prefix) and (
                 m.name[len(prefix):] == "convert_hf_to_gguf.py"
                 or m.name[len(prefix):].startswith(("conversion/", "gguf-py/")))]
@@ -160,10 +180,9 @@ def convert(tools: Path, model_dir: Path, outfile: Path, outtype: str = "f16") -
     does (the qwen2 fallback lives in the folder's ``conversion/base.py``)."""
     cmd = [sys.executable, str(Path(tools) / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(outfile),
            "--outtype", outtype]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
     if r.returncode != 0:
-        tail = [l for l in r.stderr.strip().splitlines() if l.strip()][-1:] or ["no output"]
-        raise RuntimeError(f"convert_hf_to_gguf.py failed on {model_dir}: {tail[0]}")
+        raise _tool_failed(f"convert_hf_to_gguf.py on {model_dir}", r.stderr, outfile)
 
 
 def _qwen2_split_regex() -> str:
@@ -174,12 +193,12 @@ def _qwen2_split_regex() -> str:
 
 def quantize(tools: Path, src: Path, dst: Path, quant: str) -> None:
     if quant not in QUANT_TYPES:
-        raise ValueError(f"quant: unknown type {quant!r} (one of {', '.join(QUANT_TYPES)})")
+        raise ToolFailed(f"quant: unknown type {quant!r} (one of {', '.join(QUANT_TYPES)})")
     # through this interpreter (the script's shebang names the python that prepared the folder, for Unsloth)
     r = subprocess.run([sys.executable, str(tools / "llama-quantize"), str(src), str(dst), quant],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, errors="replace")
     if r.returncode != 0 or not dst.is_file():
-        raise RuntimeError(f"llama-quantize {quant} failed: {(r.stderr.strip().splitlines() or ['no output'])[-1]}")
+        raise _tool_failed(f"llama-quantize {quant}", r.stderr + r.stdout, dst)
 
 
 def generate_capped(llm, prompt: str, max_tokens: int, **sampling) -> tuple[str, int]:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import sys
 from importlib.util import find_spec
 from pathlib import Path
@@ -133,10 +134,18 @@ def resolve(name: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     if p.suffix == ".gguf":
         if not p.is_file():
             raise ModelLoadError(f"{name}: GGUF file not found")
+        with open(p, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise ModelLoadError(f"{name}: not a GGUF file (it does not start with the GGUF magic bytes)")
         return str(p.parent), p.name
     if p.exists():
         if not p.is_dir():
             raise ModelLoadError(f"{name}: not a model folder or .gguf file")
+        if gguf_file is None and not (p / "config.json").is_file():
+            ggufs = sorted(f.name for f in p.glob("*.gguf"))
+            hint = f" (it holds {ggufs[0]}: pass that file)" if ggufs else ""
+            raise ModelLoadError(f"{name}: no config.json in this folder; pass a HF model folder, a .gguf file or a "
+                                 f"hub id{hint}")
         return str(p), gguf_file
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelLoadError(f"{name}: no such local model folder (and not a hub id like Qwen/Qwen3-1.7B)")
@@ -145,12 +154,20 @@ def resolve(name: str, gguf_file: str | None = None) -> tuple[str, str | None]:
 
 def _offline_error(name: str, err: Exception, loaded: str | None = None) -> ModelLoadError:
     """``loaded``: the repo actually asked for when it differs from ``name`` (see weights_repo)."""
+    if Path(name).expanduser().exists():  # a local folder or file that is there but broken: say what is wrong
+        why = " ".join(str(err).split())[:200] or type(err).__name__
+        return ModelLoadError(f"{name}: cannot load this model ({why})")
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     why = "HF_HUB_OFFLINE=1 is set" if offline else "the hub could not be reached"
     repo = loaded or name
     which = f"{name} (loaded as {repo}, Unsloth's pre-quantized 4-bit copy)" if repo != name else name
     return ModelLoadError(f"{which}: weights are not in the local Hugging Face cache and {why}; download them first "
                           f"(hf download {repo}) or pass a local folder or .gguf file ({type(err).__name__})")
+
+
+def _bad_gguf(name: str, err: Exception) -> ModelLoadError:
+    why = " ".join(str(err).split())[:160] or type(err).__name__
+    return ModelLoadError(f"{name}: cannot read this GGUF file (truncated or corrupt: {why}); copy or export it again")
 
 
 def load_tokenizer(name: str, gguf_file: str | None = None):
@@ -162,6 +179,10 @@ def load_tokenizer(name: str, gguf_file: str | None = None):
         tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(path)
     except OSError as e:
         raise _offline_error(name, e) from None
+    except (ValueError, struct.error) as e:
+        if not gguf:
+            raise
+        raise _bad_gguf(name, e) from e
     _chatml_end_of_turn(tok)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -221,6 +242,10 @@ def load_base(name: str, cfg, backend: str, for_training: bool = True):
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise _offline_error(name, e) from None
+    except (ValueError, struct.error) as e:
+        if not gguf:
+            raise
+        raise _bad_gguf(name, e) from e
     if gguf:
         _forget_gguf_quantization(model)
     tok = load_tokenizer(name, getattr(cfg, "gguf_file", None))

@@ -148,6 +148,14 @@ def _load_trec(path: Path) -> Collection:
 
 
 def _load_beir(path: Path) -> Collection:
+    try:
+        return _read_beir(path)
+    except (ValueError, KeyError, TypeError, IndexError) as e:  # malformed JSON, a missing field, a short TSV row
+        raise BenchError(f"{path}: not a BEIR collection (corpus.jsonl, queries.jsonl, qrels/test.tsv): "
+                         f"{type(e).__name__}: {' '.join(str(e).split())[:100]}") from None
+
+
+def _read_beir(path: Path) -> Collection:
     doc_ids, docs = [], []
     for line in (path / "corpus.jsonl").read_text().splitlines():
         row = json.loads(line)

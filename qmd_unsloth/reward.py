@@ -810,7 +810,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             fh = open(path, encoding="utf-8")
         except OSError as e:
-            print(f"{path}: cannot read: {e.strerror}", file=sys.stderr)
+            print(f"error: {path}: cannot read: {e.strerror}", file=sys.stderr)
             return 1
         with fh:
             try:
@@ -831,10 +831,12 @@ def main(argv: list[str] | None = None) -> int:
                         for r in s.reasons:
                             print(f"    {r}")
             except UnicodeDecodeError as e:
-                print(f"{path}: not UTF-8 ({e.reason} at byte {e.start})", file=sys.stderr)
+                print(f"error: {path}: not UTF-8 ({e.reason} at byte {e.start})", file=sys.stderr)
                 return 1
     if args.files:
         print(_summarise(scores))
+    if bad:
+        print(f"error: {bad} bad row(s) skipped (listed above)", file=sys.stderr)
     return 1 if bad else 0
 
 

@@ -95,12 +95,13 @@ def _write_start(path: Path, cfg, data_hash: str | None, extra: dict | None) -> 
     if data_hash:
         atomic_write_text(path / "data.json", json.dumps({"data_hash": data_hash}, indent=2) + "\n")
     latest = path.parent / "latest"
-    try:
-        if latest.is_symlink() or latest.exists():
-            latest.unlink()
-        latest.symlink_to(path.name)
+    link = path.parent / f".latest.{os.getpid()}.link.tmp"
+    try:  # a new link renamed over the old one: there is always a `latest` (a kill cannot leave none)
+        link.unlink(missing_ok=True)
+        link.symlink_to(path.name)
+        os.replace(link, latest)
     except OSError:  # no symlinks on this filesystem: the run folder is still printed
-        pass
+        link.unlink(missing_ok=True)
 
 
 def prepare_data(run: Path, cfg, chat_template: str | None) -> dict:
@@ -165,10 +166,12 @@ def training_args(cfg, run: Path, backend: str) -> dict:
 
 
 def last_checkpoint(path: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """The newest complete checkpoint: the Trainer writes ``trainer_state.json`` last, so a checkpoint that a kill or
+    a full disk cut short (weights but no state) is never resumed from."""
     ckpt = path / "checkpoints"
-    return get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None
+    done = [p for p in ckpt.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+            and (p / "trainer_state.json").is_file()] if ckpt.is_dir() else []
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
 
 
 def stop_callback():
@@ -233,10 +236,11 @@ def plot(history: list[dict], keys: tuple[str, ...], out: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    from .atomic import atomic_path
+
+    with atomic_path(out, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, out)
 
 
 def train_stage(stage: str, cfg, resume: bool, build, plot_keys: tuple[str, ...], plot_name: str,
@@ -247,9 +251,11 @@ def train_stage(stage: str, cfg, resume: bool, build, plot_keys: tuple[str, ...]
     """
     from transformers import set_seed
 
-    from .data import data_hash
-    from .model import weights_repo
+    from .data import check_rows, data_hash
+    from .model import resolve, weights_repo
 
+    check_rows(cfg.data, cfg.seed, cfg.val_fraction)  # bad data or a bad model path: one line, before any loading
+    resolve(base_name, getattr(cfg, "gguf_file", None))
     dist.init(cfg.use_cpu)
     launch = dist.describe(cfg)
     run_path = start(cfg, stage, resume, data_hash(cfg.data), launch)

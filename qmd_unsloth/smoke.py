@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from .atomic import atomic_write_text
 from .cli import command
 
 SMOKE_QUERIES = ["auth config", "docker volumes", "kubernetes pod restart loop", "lisbon tram 28"]
@@ -19,16 +20,7 @@ SMOKE_QUERIES = ["auth config", "docker volumes", "kubernetes pod restart loop",
 
 @command("smoke")
 def main(argv: list[str] | None = None) -> int:
-    from .eval import EvalError
-    from .export import ExportError
-    from .llamacpp import ToolsMissing
-    from .model import ModelLoadError
-
-    try:
-        return _run(argv)
-    except (ToolsMissing, ExportError, EvalError, ModelLoadError) as e:
-        print(f"smoke: FAILED: {e}", file=sys.stderr)
-        return 1
+    return _run(argv)  # a stage's user or environment fault is one "error:" line from the @command boundary
 
 
 def _run(argv: list[str] | None) -> int:
@@ -103,7 +95,7 @@ def _run(argv: list[str] | None) -> int:
     from .eval import run as run_eval
 
     queries = work / "smoke_queries.txt"
-    queries.write_text("# category: smoke\n" + "\n".join(SMOKE_QUERIES) + "\n")
+    atomic_write_text(queries, "# category: smoke\n" + "\n".join(SMOKE_QUERIES) + "\n")
     ev = run_eval(C.load(C.EvalConfig, None, model=str(work / "gguf" / gguf_name), queries=queries,
                          out=work / "eval", samples=2, max_new_tokens=48))[0]
     done()

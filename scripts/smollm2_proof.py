@@ -93,7 +93,9 @@ def main() -> int:
               "before": before, "after": after}
     out = Path(args.out or REPO / "benchmarks" / "results" / f"smollm2_proof-{result['device'].split()[0].lower()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    from qmd_unsloth.atomic import atomic_write_text
+
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     return 0 if after["format_valid"] >= 0.9 else 1
 

@@ -30,11 +30,13 @@ class FakeHub:
     def create_repo(self, repo_id, private=False, exist_ok=False):
         self.repos.setdefault(repo_id, {})
 
-    def upload_folder(self, repo_id, folder_path, allow_patterns=None, commit_message=""):
+    def upload_folder(self, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, commit_message=""):
         from fnmatch import fnmatch
         from pathlib import Path
 
         for p in Path(folder_path).iterdir():
+            if any(fnmatch(p.name, pat) for pat in ignore_patterns or []):
+                continue
             if p.is_file() and (allow_patterns is None or any(fnmatch(p.name, pat) for pat in allow_patterns)):
                 self.repos[repo_id][p.name] = p.read_bytes()
 
