@@ -11,7 +11,7 @@ def test_defaults_follow_the_recipe():
     assert sft.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     grpo = load(GRPOConfig, REPO / "configs" / "grpo.yaml")
     assert (grpo.lora_r, grpo.lora_alpha, grpo.beta, grpo.num_generations, grpo.max_steps) == (4, 8, 0.04, 4, 200)
-    assert grpo.target_modules == ["q_proj", "v_proj"] and grpo.learning_rate == 5e-6
+    assert grpo.target_modules == ["q_proj", "v_proj"] and grpo.learning_rate == 2e-5
 
 
 def test_precedence_flags_over_env_over_yaml(tmp_path, monkeypatch):

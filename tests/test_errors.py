@@ -40,7 +40,7 @@ class Case:
 
 # THE TABLE.  To cover a new command, add one line per bad input (and its name to STAGES in __main__.py), e.g.
 #     Case("serve", "--model {fx}/junk.gguf --port {busy_port}", 1, "address already in use"),
-#     Case("generate", "--endpoint {dead_url}/v1 --out {tmp}/g.jsonl", 1, "connection refused"),
+#     Case("generate", "--base-url {dead_url}/v1 --model m --count 2 --out {tmp}/g.jsonl", 1, "cannot reach"),
 # Fields: command, arguments, exit status, a fragment of the `error:` line; optional env, absent (paths that must not
 # exist afterwards), needs ("ro", "full", "tools", "llama_cpp": skipped with the reason when missing), slow=True.
 # Placeholders: {tmp} an empty folder of the row; {ro} a read-only tmpfs; {full} a 1 MiB tmpfs filled up before the
@@ -149,6 +149,29 @@ CASES = [
     Case("llamacpp", "prepare --dir {ro}/t --sdist {fx}/afile", 1, "{ro}/t: read-only file system", needs=("ro",)),
     # tiny
     Case("tiny", "--out {full}/t", 1, "no space left on device", needs=("full",), absent=("{full}/t",)),
+    # generate
+    Case("generate", "--base-url {dead_url}/v1 --model m --count 2 --out {tmp}/g.jsonl", 1,
+         "cannot reach the teacher", absent=("{tmp}/g.jsonl",)),
+    Case("generate", "--base-url {dead_url}/v1 --model m --queries {fx}/q_latin1.txt --out {tmp}/g.jsonl", 1,
+         "not UTF-8"),
+    Case("generate", "--base-url {dead_url}/v1 --model m --queries {fx}/nope.txt --out {tmp}/g.jsonl", 1,
+         "nope.txt: queries file not found"),
+    # notes
+    Case("notes", "extract --vault {tmp}/nope --out {tmp}/c.jsonl", 1, "nope: vault folder not found",
+         absent=("{tmp}/c.jsonl",)),
+    Case("notes", "extract --vault {tmp} --out {tmp}/c.jsonl --mode teacher --teacher-url https://example.com/v1", 1,
+         "notes are private"),
+    # curate
+    Case("curate", "--db {tmp}/db.sqlite import {fx}/nope.jsonl", 1, "nope.jsonl: file not found"),
+    Case("curate", "--db {fx}/latin1.jsonl stats", 1, "not a curate database"),
+    # serve
+    Case("serve", "--model {fx}/junk.gguf", 1, "junk.gguf: not a GGUF file"),
+    Case("serve", "--model {fx}/junk.gguf --port {busy_port}", 1, "address already in use"),
+    Case("serve", "reload --model {fx}/junk.gguf --url {dead_url}", 1, "cannot reach the server"),
+    # qmd_install
+    Case("qmd_install", "--model {fx}/junk.gguf --models-dir {tmp}/m --index {tmp}/none.yml", 1,
+         "none.yml: no such file"),
+    Case("qmd_install", "--rollback --models-dir {tmp}/m --index {tmp}/none.yml", 1, "no install to roll back"),
     # smoke
     Case("smoke", "--workdir {fx}/afile/w", 1, "afile/w: a part of the path is a file"),
     Case("smoke", "--workdir {ro}/w", 1, "{ro}/w: read-only file system", needs=("ro",)),
