@@ -64,16 +64,18 @@ def sft_stage(work: Path) -> Path:
     return sft.run(cfg)
 
 
-def grpo_stage(work: Path, name: str, sft_model: Path, steps: int, **extra) -> tuple[Path, dict]:
+def grpo_stage(work: Path, name: str, sft_model: Path, steps: int, lr: float | None = None,
+               **extra) -> tuple[Path, dict]:
     """A GRPO run from the SFT model (skipped when its merged model exists); returns (merged, summary)."""
     from qmd_unsloth import config as C
     from qmd_unsloth import grpo
 
+    lr = lr or DEFAULT_TOTAL_MOVEMENT / steps
     run = work / "grpo" / name
     if not (run / "merged" / "config.json").is_file():
         print(f"== grpo {name}", flush=True)
         cfg = C.load(C.GRPOConfig, None, sft_model=str(sft_model), output_dir=work, run_name=name,
-                     max_steps=steps, learning_rate=DEFAULT_TOTAL_MOVEMENT / steps, per_device_train_batch_size=8,
+                     max_steps=steps, learning_rate=lr, per_device_train_batch_size=8,
                      num_generations=4, gradient_accumulation_steps=1, max_completion_length=128, logging_steps=1,
                      save_steps=steps, max_seq_length=384, use_cpu=True, report_to=[], **extra)
         t0 = time.perf_counter()
@@ -85,7 +87,7 @@ def grpo_stage(work: Path, name: str, sft_model: Path, steps: int, **extra) -> t
     steps_logged = [h for h in metrics["log_history"] if "reward" in h]
     keys = [k for k in steps_logged[0] if k.startswith("rewards/") and k.endswith("/mean")] if steps_logged else []
     summary = {
-        "steps": metrics["global_step"], "learning_rate": DEFAULT_TOTAL_MOVEMENT / steps,
+        "steps": metrics["global_step"], "learning_rate": lr,
         "seconds": json.loads((run / "seconds.json").read_text())["seconds"],
         "reward_first": steps_logged[0]["reward"] if steps_logged else None,
         "reward_last": steps_logged[-1]["reward"] if steps_logged else None,
@@ -112,13 +114,15 @@ def proof(args) -> int:
         print("== eval before GRPO", flush=True)
         before_f.write_text(json.dumps(evaluate(str(sft_model), queries, 16, 160), indent=2) + "\n")
     before = json.loads(before_f.read_text())
-    merged, summary = grpo_stage(work, "proof", sft_model, args.steps)
-    after_f = work / "proof_after.json"
+    name = "proof" + (f"_lr{args.lr:g}" if args.lr else "")
+    merged, summary = grpo_stage(work, name, sft_model, args.steps, args.lr)
+    after_f = work / f"{name}_after.json"
     if not after_f.is_file():
         print("== eval after GRPO", flush=True)
         after_f.write_text(json.dumps(evaluate(str(merged), queries, 16, 160), indent=2) + "\n")
     after = json.loads(after_f.read_text())
-    out = Path(args.out or REPO / "benchmarks" / "results" / "grpo_proof-cpu.json")
+    out = Path(args.out or REPO / "benchmarks" / "results" / (
+        "grpo_proof-cpu.json" if not args.lr else f"grpo_proof_lr{args.lr:g}-cpu.json"))
     png = out.with_suffix(".png")
     shutil.copyfile(merged.parent / "reward.png", png)
     keep = ("mean_reward", "format_valid", "excellent", "queries", "generation_seconds")
@@ -210,6 +214,8 @@ def main() -> int:
     ap.add_argument("--workdir", default=str(REPO / "runs" / "grpo_experiments"))
     ap.add_argument("--steps", type=int, default=40, help="GRPO steps per run")
     ap.add_argument("--collection", default=str(REPO.parent / "shared" / "ir" / "cranfield"))
+    ap.add_argument("--lr", type=float, default=None,
+                    help="GRPO learning rate (default: 1e-3 / steps, the default schedule's total movement)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     return proof(args) if args.part == "proof" else retrieval_experiment(args)
