@@ -16,8 +16,9 @@ retrieval: Cranfield's judged queries split by a seeded hash of their text (2/3 
 
 Every stage is skipped when its output exists, so a re-run resumes.  GRPO uses the shipped GRPO defaults (LoRA r4
 on q,v, beta 0.04, 4 generations, temperature 1.0) except what a 2-core CPU forces: fewer steps (--steps), a
-128-token completion cap, and a learning rate scaled so that lr x steps matches the default schedule
-(5e-6 x 200 steps = 1e-3 of total Adam movement: 2.5e-5 at 40 steps).
+128-token completion cap, and a learning rate scaled so that lr x steps matches the schedule this experiment was
+designed around (the default of the time, 5e-6 x 200 steps = 1e-3 of total Adam movement: 2.5e-5 at 40 steps);
+``--lr`` overrides it.  What the proof showed raised the GRPO default to 2e-5 (README, "GRPO on the SFT model").
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from smollm2_proof import evaluate, smollm2_gguf  # noqa: E402
 
-DEFAULT_TOTAL_MOVEMENT = 5e-6 * 200  # the shipped GRPO default: lr 5e-6 for 200 steps
+DEFAULT_TOTAL_MOVEMENT = 5e-6 * 200  # the GRPO default when these runs were designed: lr 5e-6 for 200 steps
 
 
 def device() -> str:
