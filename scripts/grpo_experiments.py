@@ -108,8 +108,10 @@ def grpo_stage(work: Path, name: str, sft_model: Path, steps: int, lr: float | N
 def proof(args) -> int:
     work = Path(args.workdir)
     sft_model = sft_stage(work)
-    queries = [q for _, q in __import__("qmd_unsloth.eval", fromlist=["read_queries"]).read_queries(
-        REPO / "data" / "eval_queries.txt")]
+    from qmd_unsloth.eval import read_queries
+
+    # the English eval queries (the SFT model and this proof predate the multilingual section of the file)
+    queries = [q for cat, q in read_queries(REPO / "data" / "eval_queries.txt") if not cat.startswith("multilingual")]
     before_f = work / "proof_before.json"
     if not before_f.is_file():
         print("== eval before GRPO", flush=True)
