@@ -83,7 +83,7 @@ def verify(path: Path, quant: str, tools: Path, tokenizer_template: str | None) 
     """Checks an exported GGUF with the shared checks (qmd_unsloth.gguf_check); raises ExportError with the first
     failed check."""
     try:
-        return verify_gguf(path, quant, tokenizer_template, tools)
+        return verify_gguf(path, quant, tokenizer_template, tools, require_parse=False)
     except GGUFCheckError as e:
         raise ExportError(str(e).replace(str(path), path.name, 1)) from None
 

@@ -178,12 +178,25 @@ def retrieval_experiment(args) -> int:
     collection = Path(args.collection)
     train_q, held_q = split_queries(collection, work)
     sft_model = sft_stage(work)
-    rules, s_rules = grpo_stage(work, "rules", sft_model, args.steps, prompts=train_q)
-    retr, s_retr = grpo_stage(work, "retrieval", sft_model, args.steps, prompts=train_q, retrieval_weight=1.0,
-                              retrieval_collection=collection, retrieval_mode="hybrid")
+    tag = f"_lr{args.lr:g}" if args.lr else ""
+    only = {"rules": args.only != "retrieval", "retrieval": args.only != "rules"}
+    runs_wanted = [("sft", sft_model)]
+    if only["rules"]:
+        rules, s_rules = grpo_stage(work, "rules" + tag, sft_model, args.steps, args.lr, prompts=train_q)
+        runs_wanted.append(("grpo_rules", rules))
+    if only["retrieval"]:
+        retr, s_retr = grpo_stage(work, "retrieval" + tag, sft_model, args.steps, args.lr, prompts=train_q,
+                                  retrieval_weight=1.0, retrieval_collection=collection, retrieval_mode="hybrid")
+        runs_wanted.append(("grpo_retrieval", retr))
+    if args.only:
+        print(f"== {args.only} only: GRPO done; run without --only to bench", flush=True)
+        return 0
+    s_rules = grpo_stage(work, "rules" + tag, sft_model, args.steps, args.lr, prompts=train_q)[1]
+    s_retr = grpo_stage(work, "retrieval" + tag, sft_model, args.steps, args.lr, prompts=train_q, retrieval_weight=1.0,
+                        retrieval_collection=collection, retrieval_mode="hybrid")[1]
     results = {}
-    for name, model in (("sft", sft_model), ("grpo_rules", rules), ("grpo_retrieval", retr)):
-        results[name] = bench_stage(work, name, collection, held_q, model)
+    for name, model in runs_wanted:
+        results[name] = bench_stage(work, name if name == "sft" else name + tag, collection, held_q, model)
     raw = results["sft"]
     runs = {"raw": {k: raw["metrics"][k] for k in ("bm25", "dense", "hybrid")}}
     for name in ("sft", "grpo_rules", "grpo_retrieval"):
@@ -191,7 +204,7 @@ def retrieval_experiment(args) -> int:
         runs[name] = {"bm25": m["bm25+lex"], "dense": m["dense+vec/hyde"], "hybrid": m["hybrid+expansions"]}
     table = {name: {"hybrid": {"ndcg@10": r["hybrid"]["ndcg@10"], "recall@100": r["hybrid"]["recall@100"]},
                     "bm25": r["bm25"], "dense": r["dense"], "queries": raw["queries"]} for name, r in runs.items()}
-    out = Path(args.out or REPO / "benchmarks" / "results" / "retrieval_grpo-cpu.json")
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"retrieval_grpo{tag}-cpu.json")
     result = {"benchmark": "retrieval_grpo", "collection": str(collection), "machine": platform.node() or "cpu",
               "device": device(), "date": time.strftime("%Y-%m-%d"),
               "split": {"seed": 7, "heldout_fraction": "1/3", "train_queries": sum(
@@ -219,6 +232,8 @@ def main() -> int:
     ap.add_argument("--collection", default=str(REPO.parent / "shared" / "ir" / "cranfield"))
     ap.add_argument("--lr", type=float, default=None,
                     help="GRPO learning rate (default: 1e-3 / steps, the default schedule's total movement)")
+    ap.add_argument("--only", choices=["rules", "retrieval"], default=None,
+                    help="retrieval part: run only this GRPO arm (to run the two arms side by side), no bench")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     return proof(args) if args.part == "proof" else retrieval_experiment(args)

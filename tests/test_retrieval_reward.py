@@ -75,8 +75,8 @@ def test_trec_qrels_file_replaces_the_judgments_and_bad_paths_are_one_line(colle
         RetrievalReward(collection, qrels=qrels, mode="bm25")
 
 
-def test_grpo_cli_rejects_a_bad_collection_in_one_line(tmp_path):
-    r = run_module("qmd_unsloth.grpo", "--sft-model", str(tmp_path), "--retrieval-weight", "0.5",
+def test_grpo_cli_rejects_a_bad_collection_in_one_line(tiny_model, tmp_path):
+    r = run_module("qmd_unsloth.grpo", "--sft-model", str(tiny_model), "--retrieval-weight", "0.5",
                    "--retrieval-collection", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path), "--use-cpu")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "collection folder not found" in r.stderr
