@@ -17,6 +17,8 @@ from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, CliSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings import YamlConfigSettingsSource
 from .cli import UsageError
+from .qmd_contract import MAX_TOKENS as QMD_MAX_TOKENS
+from .qmd_contract import SAMPLING as QMD_SAMPLING
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -205,15 +207,22 @@ class EvalConfig(StageConfig):
 
     model_config = SettingsConfigDict(env_prefix="QMD_UNSLOTH_EVAL_")
     model: str | None = Field(None, description="HF model folder or .gguf file")
+    engine: Literal["llama.cpp", "qmd"] = Field(
+        "llama.cpp", description="llama.cpp: llama-cpp-python with QMD's prompt, grammar and sampling; qmd: the real "
+        "QMD's own expansion (python -m qmd_unsloth.qmd_real install), .gguf only")
+    threads: int | None = Field(None, gt=0, description="engine qmd: CPU threads per node-llama-cpp context "
+                                "(default: node-llama-cpp's own, max(4, cores))")
     queries: Path = REPO_ROOT / "data" / "eval_queries.txt"
     out: Path = Path("runs/eval")
     samples: int = Field(1, gt=0)
     greedy: bool = False
-    temperature: float = Field(0.7, ge=0)
-    top_k: int = Field(20, ge=0)
-    top_p: float = Field(0.8, gt=0, le=1)
-    presence_penalty: float = 0.5
-    max_new_tokens: int = Field(256, gt=0)
+    temperature: float = Field(QMD_SAMPLING["temperature"], ge=0)
+    top_k: int = Field(QMD_SAMPLING["top_k"], ge=0)
+    top_p: float = Field(QMD_SAMPLING["top_p"], gt=0, le=1)
+    min_p: float = Field(QMD_SAMPLING["min_p"], ge=0, le=1)
+    presence_penalty: float = Field(QMD_SAMPLING["presence_penalty"], description="0, as QMD: the 0.5 it asks "
+                                    "node-llama-cpp for has no effect (qmd_contract)")
+    max_new_tokens: int = Field(QMD_MAX_TOKENS, gt=0, description="QMD's cap: 600")
     min_score: float = Field(0.0, ge=0, le=1, description="exit 1 when the mean score is below this")
     compare: str | None = Field(None, description="a second model scored side by side")
     seed: int = 0

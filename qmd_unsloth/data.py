@@ -220,28 +220,28 @@ def data_hash(paths: Iterable[str | os.PathLike] | None = None) -> str:
     return h.hexdigest()
 
 
-def prepared_rows(examples: list[Example], chat_template: str | None = None) -> list[dict]:
-    """Rows in the prompt/completion form TRL's trainers take, plus the query (the GRPO reward reads it)."""
-    from .prompt import ExampleRenderer, format_target, qwen3_chat_template
+def prepared_rows(examples: list[Example], chat_format=None) -> list[dict]:
+    """Rows in the prompt/completion form TRL's trainers take, plus the query (the GRPO reward reads it).
+    ``chat_format``: the model's ``prompt.ChatFormat`` (None: the Qwen3 base)."""
+    from .prompt import format_target, render_example
 
-    render = ExampleRenderer(chat_template or qwen3_chat_template())
     rows = []
     for ex in examples:
-        rendered = render(ex.query, ex.pairs)
+        rendered = render_example(ex.query, ex.pairs, chat_format)
         rows.append({"query": ex.query, "category": ex.category or "", "lang": ex.language,
                      "target": format_target(ex.pairs), **rendered})
     return rows
 
 
 def prepare(out_dir, paths=None, seed: int = SPLIT_SEED, val_fraction: float = VAL_FRACTION,
-            chat_template: str | None = None) -> dict:
+            chat_format=None) -> dict:
     """Writes ``train.jsonl``, ``val.jsonl`` and ``prepare.json`` (counts, seed, data hash) into ``out_dir``."""
     examples = check_rows(paths, seed, val_fraction)
     train, val = split(examples, seed, val_fraction)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # an output folder that cannot be made fails before the rendering
     for name, part in (("train", train), ("val", val)):
-        rows = prepared_rows(part, chat_template)
+        rows = prepared_rows(part, chat_format)
         atomic_write_text(out_dir / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     meta = {"train": len(train), "val": len(val), "seed": seed, "val_fraction": val_fraction,
             "data_hash": data_hash(paths), "files": [str(p) for p in data_files(paths)]}

@@ -28,23 +28,22 @@ from .config import ExportConfig
 from .gguf_check import SMOKE_QUERY, GGUFCheckError, read_gguf, verify_gguf  # noqa: F401 (re-exported)
 from .llamacpp import QUANT_TYPES, ToolsMissing
 
-MODELFILE = '''# Ollama: ollama create qmd-expand -f Modelfile
-# QMD's serving settings: no system prompt, temperature 0.7, top-k 20, top-p 0.8.  The prompt must be the full user
-# text QMD sends: "/no_think Expand this search query: <query>".
-FROM ./{gguf}
-TEMPLATE """<|im_start|>user
-{{{{ .Prompt }}}}<|im_end|>
-<|im_start|>assistant
-<think>
+def modelfile(gguf: str, chat_format) -> str:
+    """An Ollama Modelfile that gives the model QMD's context (qmd_contract): node-llama-cpp's system prompt, the chat
+    wrapper's turns, no think block; QMD's sampling; stop at end of turn."""
+    from .qmd_contract import DEFAULT_SYSTEM_PROMPT, SAMPLING
 
-</think>
-
-"""
-PARAMETER temperature 0.7
-PARAMETER top_k 20
-PARAMETER top_p 0.8
-PARAMETER stop <|im_end|>
-'''
+    bos = chat_format.bos if chat_format.wrapper == "ChatML" else ""
+    return (f"# Ollama: ollama create qmd-expand -f Modelfile\n"
+            f"# QMD's context for the model ({chat_format.wrapper} wrapper, node-llama-cpp's default system prompt) and "
+            f"the sampling QMD applies.\n# The prompt must be the full user text QMD sends: \"/no_think Expand this "
+            f"search query: <query>\".\nFROM ./{gguf}\n"
+            f'TEMPLATE """{bos}<|im_start|>system\n{{{{ .System }}}}<|im_end|>\n<|im_start|>user\n{{{{ .Prompt }}}}'
+            f'<|im_end|>\n<|im_start|>assistant\n"""\n'
+            f'SYSTEM """{DEFAULT_SYSTEM_PROMPT}"""\n'
+            f"PARAMETER temperature {SAMPLING['temperature']}\nPARAMETER top_k {SAMPLING['top_k']}\n"
+            f"PARAMETER top_p {SAMPLING['top_p']}\nPARAMETER min_p {SAMPLING['min_p']}\nPARAMETER num_ctx 2048\n"
+            f"PARAMETER num_predict 600\nPARAMETER stop <|im_end|>\n")
 
 
 class ExportError(UserError, RuntimeError):
@@ -79,11 +78,11 @@ def merge_adapter(adapter: Path, out: Path) -> Path:
     return out
 
 
-def verify(path: Path, quant: str, tools: Path, tokenizer_template: str | None) -> dict:
-    """Checks an exported GGUF with the shared checks (qmd_unsloth.gguf_check); raises ExportError with the first
-    failed check."""
+def verify(path: Path, quant: str, tools: Path, chat_format) -> dict:
+    """Checks an exported GGUF with the shared checks (qmd_unsloth.gguf_check) against the ``prompt.ChatFormat`` the
+    model was trained with; raises ExportError with the first failed check."""
     try:
-        return verify_gguf(path, quant, tokenizer_template, tools, require_parse=False)
+        return verify_gguf(path, quant, chat_format, tools, require_parse=False)
     except GGUFCheckError as e:
         raise ExportError(str(e).replace(str(path), path.name, 1)) from None
 
@@ -130,7 +129,12 @@ def export(cfg: ExportConfig) -> dict:
         tmp = Path(tmp)
         if kind == "adapter":
             src = merge_adapter(src, tmp / "merged")
-        template = load_tokenizer(str(src)).chat_template
+        from .prompt import UnsupportedChatTemplate, format_of_tokenizer
+
+        try:
+            trained_format = format_of_tokenizer(load_tokenizer(str(src)))
+        except UnsupportedChatTemplate as e:
+            raise ExportError(f"{src}: {e}") from None
         report["backend"] = backend
         for quant in quants:
             t0 = time.perf_counter()
@@ -142,7 +146,7 @@ def export(cfg: ExportConfig) -> dict:
                 if not f16.exists():
                     convert(tools, src, f16, "f16")
                 quantize(tools, f16, staged, quant)
-            info = verify(staged, quant, tools, template)
+            info = verify(staged, quant, tools, trained_format)
             final = out / staged.name
             os.replace(staged, final)  # only a verified file reaches its final name
             info["seconds"] = round(time.perf_counter() - t0, 1)
@@ -150,7 +154,7 @@ def export(cfg: ExportConfig) -> dict:
             print(f"export: {final} {info['file_type']} {info['bytes'] / 2**20:.1f} MiB, "
                   f"{info['bits_per_weight']} bits/weight, verified in llama.cpp ({info['seconds']} s)")
     first = next(iter(report["files"]))
-    atomic_write_text(out / "Modelfile", MODELFILE.format(gguf=first))
+    atomic_write_text(out / "Modelfile", modelfile(first, trained_format))
     atomic_write_text(out / "export.json", json.dumps(report, indent=2) + "\n")
     return report
 

@@ -27,9 +27,10 @@ def use_vllm(cfg: GRPOConfig, backend: str) -> bool:
     return available
 
 
-def prompt_dataset(cfg: GRPOConfig, tokenizer, run: Path):
-    """Training queries rendered with the model's template: columns ``prompt`` (text), ``query`` and ``lang`` (the
-    rewards read them).  From ``cfg.prompts`` (a queries file) when given, else the training split of ``cfg.data``."""
+def prompt_dataset(cfg: GRPOConfig, chat_format, run: Path):
+    """Training queries rendered as QMD feeds the model (``chat_format``: its node-llama-cpp wrapper): columns
+    ``prompt`` (text), ``query`` and ``lang`` (the rewards read them).  From ``cfg.prompts`` (a queries file) when
+    given, else the training split of ``cfg.data``."""
     from datasets import Dataset, load_dataset
 
     from .runs import prepare_data
@@ -40,13 +41,13 @@ def prompt_dataset(cfg: GRPOConfig, tokenizer, run: Path):
         from .eval import query_language, read_queries
         from .prompt import render_prompt
 
-        rows = [{"prompt": render_prompt(q, tokenizer), "query": q, "lang": query_language(cat, q)}
+        rows = [{"prompt": render_prompt(q, chat_format), "query": q, "lang": query_language(cat, q)}
                 for cat, q in read_queries(cfg.prompts)]
         if dist.is_main_process():  # every rank builds the same rows; the main process keeps the record
             atomic_write_text(run / "data" / "prompts.jsonl",
                               "".join(json.dumps(r, ensure_ascii=False) + chr(10) for r in rows))
         return Dataset.from_list(rows)
-    prepare_data(run, cfg, tokenizer.chat_template)  # written once, by the main process
+    prepare_data(run, cfg, chat_format)  # written once, by the main process
     ds = load_dataset("json", data_files={"train": str(run / "data" / "train.jsonl")})["train"]
     return ds.remove_columns([c for c in ds.column_names if c not in ("prompt", "query", "lang")])
 
@@ -98,7 +99,9 @@ def build_trainer(cfg: GRPOConfig, run: Path):
     else:
         model, tokenizer = load_base(cfg.sft_model, cfg, backend)
     model = add_lora(model, cfg, backend)
-    train = prompt_dataset(cfg, tokenizer, run)
+    from .prompt import model_chat_format
+
+    train = prompt_dataset(cfg, model_chat_format(model, tokenizer), run)
 
     from trl import GRPOConfig as TRLGRPOConfig
     from trl import GRPOTrainer

@@ -1,4 +1,4 @@
-"""Expansions from a HF model folder: the same prompt as training, generation stopped at the end-of-turn token."""
+"""Expansions from a HF model folder: QMD's prompt (as in training), generation stopped at the end-of-turn token."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ def expand(model, tokenizer, queries: list[str], greedy: bool = True, max_new_to
     """One completion per query (the generated text after the prompt, special tokens kept for the reward)."""
     import torch
 
-    from .prompt import render_prompt
+    from .prompt import format_of_tokenizer
 
     tokenizer.padding_side = "left"
-    prompts = [render_prompt(q, tokenizer) for q in queries]
+    fmt = format_of_tokenizer(tokenizer, getattr(model.config, "model_type", None))
+    prompts = [fmt.prompt(q) for q in queries]
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     sampling = {} if greedy else {"temperature": temperature, "top_k": top_k, "top_p": top_p}
     with torch.no_grad():

@@ -201,17 +201,25 @@ def quantize(tools: Path, src: Path, dst: Path, quant: str) -> None:
         raise _tool_failed(f"llama-quantize {quant}", r.stderr + r.stdout, dst)
 
 
-def generate_capped(llm, prompt: str, max_tokens: int, **sampling) -> tuple[str, int]:
-    """Text a loaded ``llama_cpp.Llama`` generates for a rendered prompt, stopped at EOS or a hard token cap (a
-    random-weight model may never finish a UTF-8 character, and llama-cpp-python's chat API then ignores
-    max_tokens).  ``sampling`` goes to ``Llama.generate`` (temp, top_k, top_p, presence_penalty, grammar)."""
+def generate_capped(llm, prompt: str, max_tokens: int, **sampling) -> tuple[str, int, bool]:
+    """(text, tokens, stopped by itself) a loaded ``llama_cpp.Llama`` generates for a rendered prompt: generation
+    ends at an end-of-generation token (EOS, ``<|im_end|>``, ...: llama.cpp's own set, as node-llama-cpp stops) or
+    at a hard token cap (a random-weight model may never finish a UTF-8 character, and llama-cpp-python's chat API
+    then ignores max_tokens).  ``sampling`` goes to ``Llama.generate`` (temp, top_k, top_p, min_p, grammar, ...).
+    The prompt is tokenized with special tokens parsed and no BOS added: it already holds what the wrapper writes."""
+    import llama_cpp
+
     tokens = llm.tokenize(prompt.encode(), add_bos=False, special=True)
     out: list[int] = []
+    stopped = False
     for tok in llm.generate(tokens, **sampling):
-        if tok == llm.token_eos() or len(out) >= max_tokens:
+        if llama_cpp.llama_vocab_is_eog(llm._model.vocab, tok):
+            stopped = True
+            break
+        if len(out) >= max_tokens:
             break
         out.append(tok)
-    return llm.detokenize(out, special=True).decode("utf-8", errors="replace"), len(out)
+    return llm.detokenize(out, special=True).decode("utf-8", errors="replace"), len(out), stopped
 
 
 def free_port() -> int:

@@ -1,33 +1,63 @@
-"""The one place the prompt lives: messages, rendering, parsing completions, writing targets.
+"""The one place the training prompt lives: QMD's context for a query, the answer targets, parsing completions.
 
-Decision on Qwen3's empty think block: it belongs to the PROMPT.  With ``enable_thinking=False`` the generation
-prompt ends ``<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n`` and the Qwen3 template also writes that empty block
-before the final assistant answer of a full conversation, so ``prompt + completion`` is exactly the rendered
-conversation.  The training completion (the only text that carries loss) is the answer lines plus the end-of-turn
-token and never contains ``<think>``.  The reward strips a leading EMPTY think block without cost (a server that
-renders the prompt without it lets the model write it), and charges heavily for a non-empty one.
+The prompt is exactly the context the real QMD feeds the model (``qmd_contract.render_context``): node-llama-cpp's
+chat wrapper for the model with its default system prompt, the user turn ``/no_think Expand this search query: Q``,
+and an assistant turn that starts with no think block.  The wrapper is the one node-llama-cpp picks for the model
+(``chat_format``): "Qwen" for a Qwen-architecture model whose chat template is Qwen's, "ChatML" (which writes the
+model's BOS token first) for a ChatML template such as SmolLM2's; any other template is refused in one line, because
+node-llama-cpp would render it through a Jinja wrapper this project does not mirror.
 
-Standard library only at import time; rendering imports transformers' jinja renderer lazily.
+The completion (the only text that carries loss) is the answer lines, EACH ending in a newline, then the
+end-of-turn token: QMD's grammar only lets the model stop after a newline.  ``tests/test_qmd_real.py`` compares
+these texts with what the real QMD feeds the model, byte for byte and token for token.
+
+Standard library only at import time; checking a chat template imports transformers' Jinja renderer lazily.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib.util import find_spec
 from pathlib import Path
 
-USER_TEMPLATE = "/no_think Expand this search query: {query}"
+from .cli import UserError
+from .qmd_contract import END_OF_TURN, WRAPPERS, answer_text, render_chat, render_context, user_text
+
 KINDS_ORDER = ("hyde", "lex", "vec")
 END_TOKENS = ("<|im_end|>", "<|endoftext|>")
-EMPTY_THINK = "<think>\n\n</think>\n\n"
 LINE_RE = re.compile(r"(lex|vec|hyde): (.*\S.*)\Z", re.S)
 _THINK_BLOCK = re.compile(r"^\s*<think>(.*?)</think>\s*", re.S)
+# node-llama-cpp's QwenChatWrapper._checkModelCompatibility: the GGUF architectures it takes (None: unknown).
+QWEN_ARCHITECTURES = frozenset({None, "qwen2", "qwen2moe", "qwen2vl", "qwen3", "qwen3moe", "qwen3vl", "qwen3vlmoe",
+                                "qwen35", "qwen35moe"})
+
+
+class UnsupportedChatTemplate(UserError, ValueError):
+    """A model whose chat template QMD would render through a wrapper this project does not mirror (one line)."""
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How node-llama-cpp wraps a chat for one model: the wrapper and, for ChatML, the BOS text it writes first."""
+
+    wrapper: str = "Qwen"
+    bos: str = ""
+
+    def prompt(self, query: str) -> str:
+        return render_context(query, self.wrapper, self.bos)
+
+    def chat(self, messages: list[dict]) -> str:
+        return render_chat(messages, self.wrapper, self.bos)
+
+
+QWEN3 = ChatFormat("Qwen", "")
 
 
 def messages(query: str) -> list[dict[str, str]]:
-    """The chat for one query: a single user turn, no system prompt."""
-    return [{"role": "user", "content": USER_TEMPLATE.format(query=query.strip())}]
+    """The user turn QMD sends (node-llama-cpp adds its default system prompt before it)."""
+    return [{"role": "user", "content": user_text(query)}]
 
 
 @lru_cache(maxsize=1)
@@ -39,96 +69,105 @@ def qwen3_chat_template() -> str:
     return (Path(next(iter(spec.submodule_search_locations))) / "chat_templates" / "qwen3.jinja").read_text()
 
 
-def _render(chat: list[dict], template: str, add_generation_prompt: bool) -> str:
+def _jinja(chat: list[dict], template: str) -> str:
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    rendered, _ = render_jinja_template(
-        [chat], chat_template=template, add_generation_prompt=add_generation_prompt, enable_thinking=False
-    )
+    rendered, _ = render_jinja_template([chat], chat_template=template, add_generation_prompt=True)
     return rendered[0]
 
 
-def _template_of(tokenizer) -> str:
-    if tokenizer is None:
-        return qwen3_chat_template()
-    if isinstance(tokenizer, str):
-        return tokenizer
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
-        raise ValueError("the tokenizer has no chat template")
-    return template
+# Chats node-llama-cpp's template check would also render: a system prompt, a first turn, a later turn.
+_PROBES = (
+    [{"role": "system", "content": "S1"}, {"role": "user", "content": "U1"}],
+    [{"role": "system", "content": "S1"}, {"role": "user", "content": "U1"}, {"role": "assistant", "content": "A1"},
+     {"role": "user", "content": "U2"}],
+)
 
 
-def render_prompt(query: str, tokenizer=None) -> str:
-    """The text a model sees before it answers (thinking disabled).
+@lru_cache(maxsize=32)
+def chat_format(template: str | None, architecture: str | None = None, bos: str | None = None) -> ChatFormat:
+    """The chat wrapper node-llama-cpp picks for a model with this Jinja ``template`` (``tokenizer.chat_template``),
+    GGUF ``architecture`` (``general.architecture``; a HF ``model_type`` is the same name) and BOS token text.
 
-    ``tokenizer`` is a tokenizer, a template string, or None for the Qwen3 template.
+    node-llama-cpp (chatWrappers/utils/resolveChatWrapper.js) renders the model's Jinja template and takes the first
+    specialized wrapper that renders the same chats; Qwen comes before ChatML and takes only Qwen architectures.
     """
-    return _render(messages(query), _template_of(tokenizer), add_generation_prompt=True)
+    if not template or not template.strip():
+        raise UnsupportedChatTemplate("the model has no chat template: node-llama-cpp would guess a wrapper from its "
+                                      "name; train from a base with a Qwen or ChatML chat template")
+    try:
+        same = all(_jinja(chat, template) == render_chat(chat, "ChatML", "") for chat in _PROBES)
+    except Exception as e:  # a template that cannot render these chats (raises, needs other variables, ...)
+        raise UnsupportedChatTemplate(f"the model's chat template cannot render a system + user chat ({type(e).__name__}: "
+                                      f"{str(e).splitlines()[0][:100] if str(e) else ''}); QMD's node-llama-cpp needs "
+                                      "one it can map to a chat wrapper") from None
+    if not same:
+        raise UnsupportedChatTemplate(
+            "the model's chat template is neither Qwen's nor ChatML: node-llama-cpp (inside QMD) would render it "
+            f"through its Jinja wrapper, which qmd_unsloth does not mirror; use a base whose template node-llama-cpp "
+            f"maps to one of {', '.join(WRAPPERS)} (Qwen3, Qwen2.5, SmolLM2, ...)")
+    arch = (architecture or None) and architecture.lower()
+    if arch in QWEN_ARCHITECTURES:
+        return ChatFormat("Qwen", "")
+    return ChatFormat("ChatML", bos or "")
 
 
-def render_chat(chat: list[dict], tokenizer=None) -> str:
-    """Any chat (an OpenAI request's messages) rendered for generation the same way: thinking disabled."""
-    return _render(chat, _template_of(tokenizer), add_generation_prompt=True)
+def format_of_tokenizer(tokenizer, architecture: str | None = None) -> ChatFormat:
+    """``chat_format`` for a HF tokenizer (``architecture``: the model's ``config.model_type``, read from the
+    tokenizer's folder when not given)."""
+    if architecture is None:
+        architecture = _model_type(getattr(tokenizer, "name_or_path", None))
+    return chat_format(getattr(tokenizer, "chat_template", None), architecture, getattr(tokenizer, "bos_token", None))
 
 
-def render_example(query: str, pairs: list[tuple[str, str]], tokenizer=None) -> dict[str, str]:
-    """A prompt/completion pair for SFT: ``prompt + completion`` is the rendered conversation.
-
-    The completion is the target text followed by the template's end-of-turn marker (for Qwen3 ``<|im_end|>``),
-    with the newline the template writes after it dropped: generation stops at the marker.
-    """
-    template = _template_of(tokenizer)
-    target = format_target(pairs)
-    prompt = _render(messages(query), template, add_generation_prompt=True)
-    full = _render(messages(query) + [{"role": "assistant", "content": target}], template, add_generation_prompt=False)
-    if not full.startswith(prompt):
-        raise ValueError("chat template: the generation prompt is not a prefix of the rendered conversation")
-    completion = full[len(prompt):].rstrip("\n")
-    if not completion.startswith(target):
-        raise ValueError("chat template: the rendered answer does not start with the target text")
-    return {"prompt": prompt, "completion": completion}
+def model_chat_format(model, tokenizer) -> ChatFormat:
+    """The ChatFormat of a model being trained.  A Qwen-architecture tokenizer without a chat template gets the real
+    Qwen3 template first (the exported GGUF carries it, so node-llama-cpp picks its Qwen wrapper)."""
+    architecture = getattr(getattr(model, "config", None), "model_type", None)
+    if not getattr(tokenizer, "chat_template", None) and architecture in QWEN_ARCHITECTURES:
+        tokenizer.chat_template = qwen3_chat_template()
+    return format_of_tokenizer(tokenizer, architecture)
 
 
-class ExampleRenderer:
-    """``render_example`` for many rows with one template, fast: the template is rendered once with placeholders
-    and the query and target are substituted.  Every ``check_every``-th row (and the first) is also rendered in full
-    and compared; on any difference the renderer falls back to full rendering for good."""
+def format_of_gguf(metadata: dict, bos: str | None) -> ChatFormat:
+    """``chat_format`` for a GGUF: its metadata (llama.cpp's key names) and the text of its BOS token."""
+    return chat_format(metadata.get("tokenizer.chat_template"), metadata.get("general.architecture"), bos)
 
-    _Q, _T = "\x00QUERY\x00", "\x00TARGET\x00"
 
-    def __init__(self, tokenizer=None, check_every: int = 250):
-        self.template = _template_of(tokenizer)
-        self.check_every = check_every
-        self.count = 0
-        try:
-            ph = render_example(self._Q, [("lex", self._T)], self.template)
-            self.prompt_ph = ph["prompt"]
-            self.completion_ph = ph["completion"].replace(f"lex: {self._T}", self._T, 1)
-            self.fast = self.prompt_ph.count(self._Q) == 1 and self.completion_ph.count(self._T) == 1
-        except ValueError:
-            self.fast = False
+def _model_type(path) -> str | None:
+    import json
 
-    def __call__(self, query: str, pairs) -> dict[str, str]:
-        self.count += 1
-        if not self.fast:
-            return render_example(query, pairs, self.template)
-        q = query.strip()
-        out = {"prompt": self.prompt_ph.replace(self._Q, q),
-               "completion": self.completion_ph.replace(self._T, format_target(pairs))}
-        if self.count == 1 or self.count % self.check_every == 0:
-            full = render_example(query, pairs, self.template)
-            if full != out:
-                self.fast = False
-                return full
-        return out
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    except (OSError, TypeError, ValueError):
+        return None
+
+
+def resolve(fmt=None) -> ChatFormat:
+    """A ChatFormat from what callers hold: None (the Qwen3 base this project trains), a ChatFormat, or a tokenizer."""
+    if fmt is None:
+        return QWEN3
+    if isinstance(fmt, ChatFormat):
+        return fmt
+    return format_of_tokenizer(fmt)
+
+
+def render_prompt(query: str, fmt=None) -> str:
+    """The text the model sees before it answers: QMD's context for ``query`` (``fmt``: see ``resolve``)."""
+    return resolve(fmt).prompt(query)
 
 
 def format_target(pairs) -> str:
-    """Writes (kind, text) pairs as the target text: hyde first, then lex, then vec, order kept within a kind."""
+    """(kind, text) pairs as the answer text: hyde first, then lex, then vec, order kept within a kind, every line
+    ending in a newline (QMD's grammar lets the model stop only after one)."""
     rank = {k: i for i, k in enumerate(KINDS_ORDER)}
-    ordered = sorted(((k, t) for k, t in pairs), key=lambda p: rank.get(p[0], len(rank)))
-    return "\n".join(f"{k}: {' '.join(t.split())}" for k, t in ordered)
+    return answer_text(sorted(((k, t) for k, t in pairs), key=lambda p: rank.get(p[0], len(rank))))
+
+
+def render_example(query: str, pairs, fmt=None) -> dict[str, str]:
+    """A prompt/completion pair for SFT: the completion is the answer lines then the end-of-turn token, where
+    generation stops under QMD's grammar."""
+    return {"prompt": render_prompt(query, fmt), "completion": format_target(pairs) + END_OF_TURN}
 
 
 def strip_completion(text: str) -> tuple[str, str]:

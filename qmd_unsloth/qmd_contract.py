@@ -38,13 +38,28 @@ def user_text(query: str) -> str:
     return USER_TEMPLATE.format(query=query.strip())
 
 
-def render_context(query: str, wrapper: str = "Qwen", bos: str | None = None) -> str:
-    """The exact text QMD feeds the model for ``query`` (special tokens written out), up to the assistant's answer."""
+def render_chat(chat: list[dict], wrapper: str = "Qwen", bos: str | None = None) -> str:
+    """A chat (OpenAI-style messages) as node-llama-cpp's Qwen or ChatML wrapper renders it for generation: the
+    default system prompt when the chat has none, every turn as ``<|im_start|>role\ntext<|im_end|>\n``
+    (consecutive system messages joined by a blank line), then the open assistant turn."""
     if wrapper not in WRAPPERS:
         raise ValueError(f"chat wrapper {wrapper!r}: QMD's contract is mirrored for {', '.join(WRAPPERS)} only")
+    turns: list[tuple[str, str]] = []
+    for m in chat:
+        role = {"model": "assistant"}.get(m["role"], m["role"])
+        if role == "system" and turns and turns[-1][0] == "system":
+            turns[-1] = ("system", f"{turns[-1][1]}\n\n{m['content']}")
+        else:
+            turns.append((role, m["content"]))
+    if not turns or turns[0][0] != "system":
+        turns.insert(0, ("system", DEFAULT_SYSTEM_PROMPT))
     head = (bos or "") if wrapper == "ChatML" else ""
-    return (f"{head}<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n"
-            f"<|im_start|>user\n{user_text(query)}<|im_end|>\n<|im_start|>assistant\n")
+    return head + "".join(f"<|im_start|>{r}\n{t}<|im_end|>\n" for r, t in turns) + "<|im_start|>assistant\n"
+
+
+def render_context(query: str, wrapper: str = "Qwen", bos: str | None = None) -> str:
+    """The exact text QMD feeds the model for ``query`` (special tokens written out), up to the assistant's answer."""
+    return render_chat([{"role": "user", "content": user_text(query)}], wrapper, bos)
 
 
 # --------------------------------------------------------------------------------------------- what it may answer
@@ -66,21 +81,26 @@ def answer_text(pairs) -> str:
 
 # --------------------------------------------------------------------------------------------- how it samples
 # session.prompt(..., {grammar, maxTokens: 600, temperature: 0.7, topK: 20, topP: 0.8,
-#                      repeatPenalty: {lastTokens: 64, presencePenalty: 0.5}}) in a context of 2048 tokens.
-# node-llama-cpp's defaults for what QMD leaves out: no min-p, repeat and frequency penalties off, the newline token
-# not penalised, a seed from the clock.
+#                      repeatPenalty: {lastTokens: 64, presencePenalty: 0.5}}) in a context of 2048 tokens, with a
+# seed from the clock.  node-llama-cpp's defaults for what QMD leaves out: no min-p, no frequency penalty.
+# The presence penalty QMD asks for is INERT: node-llama-cpp 3.20.0 only builds its penalty sampler when the repeat
+# penalty differs from 1 (llama/addon/AddonSampler.cpp: ``repeatPenaltyEnabled = repeatPenalty != 1 && ...``; the
+# addon's default is 1), and QMD sets none.  Measured on the real thing: greedy output with presencePenalty 5 is
+# byte-identical to output without it, and changes once ``penalty`` is 1.0001 (tests/test_qmd_real.py).  So the
+# sampling QMD actually applies is temperature, top-k and top-p alone; that is what SAMPLING states.
 MAX_TOKENS = 600
 CONTEXT_SIZE = 2048  # QMD_EXPAND_CONTEXT_SIZE's default
-SAMPLING = {"temperature": 0.7, "top_k": 20, "top_p": 0.8, "min_p": 0.0, "presence_penalty": 0.5,
-            "frequency_penalty": 0.0, "repeat_penalty": 1.0, "penalty_last_n": 64, "penalize_newline": False}
+REQUESTED_PRESENCE_PENALTY = 0.5  # what QMD passes, without effect (above)
+SAMPLING = {"temperature": 0.7, "top_k": 20, "top_p": 0.8, "min_p": 0.0, "presence_penalty": 0.0,
+            "frequency_penalty": 0.0, "repeat_penalty": 1.0}
 
 
 def llama_cpp_sampling() -> dict:
-    """SAMPLING as ``llama_cpp.Llama.generate`` keywords (``penalty_last_n`` is the Llama's ``last_n_tokens_size``)."""
+    """SAMPLING as ``llama_cpp.Llama.generate`` keywords (its own defaults differ: min-p 0.05, temperature 0.8)."""
     s = SAMPLING
     return {"temp": s["temperature"], "top_k": s["top_k"], "top_p": s["top_p"], "min_p": s["min_p"],
             "presence_penalty": s["presence_penalty"], "frequency_penalty": s["frequency_penalty"],
-            "repeat_penalty": s["repeat_penalty"], "penalize_nl": s["penalize_newline"]}
+            "repeat_penalty": s["repeat_penalty"]}
 
 
 # --------------------------------------------------------------------------------------------- what QMD keeps
@@ -112,8 +132,8 @@ def fallback(query: str) -> list[tuple[str, str]]:
     return [("hyde", f"Information about {query}"), ("lex", query), ("vec", query)]
 
 
-def kept_lines(query: str, response: str) -> list[tuple[str, str]]:
-    """The (type, text) searches QMD runs for a model response, after its parsing, drop rule and fallback."""
+def kept(query: str, response: str) -> list[tuple[str, str]]:
+    """The (type, text) lines QMD keeps of a model response (its parsing and drop rule; maybe none)."""
     terms = query_terms(query)
     out = []
     for line in response.strip().split("\n"):
@@ -123,7 +143,12 @@ def kept_lines(query: str, response: str) -> list[tuple[str, str]]:
         kind, text = kind.strip(), text.strip()
         if kind in KINDS and keeps(text, terms):
             out.append((kind, text))
-    return out or fallback(query)
+    return out
+
+
+def kept_lines(query: str, response: str) -> list[tuple[str, str]]:
+    """The (type, text) searches QMD runs for a model response: the kept lines, or the fallback when none is."""
+    return kept(query, response) or fallback(query)
 
 
 # --------------------------------------------------------------------------------------------- how QMD fuses

@@ -108,16 +108,19 @@ class QMD:
         return r
 
     def expand(self, model: Path, queries: list[str], home: Path, threads: int | None = None,
-               timeout: float = 3600) -> list[dict]:
+               timeout: float = 3600, max_tokens: int | None = None) -> list[dict]:
         """QMD's own ``LlamaCpp.expandQuery`` for each query on ``model``: one dict per query with ``queryables``
-        (QMD's kept lines, after its drop rule and fallback) and ``capture`` (context, response, generated_tokens,
-        stop_reason, chat_wrapper)."""
+        (QMD's kept lines, after its drop rule and fallback) and ``capture`` (context, context_ids, response,
+        generated_tokens, stop_reason, chat_wrapper).  ``max_tokens`` caps generation below QMD's 600: only for
+        capturing the context, never for measuring an expansion."""
         model = Path(model).resolve()
         if not model.is_file():
             raise QMDFailed(f"{model}: no such file")
         Path(home).mkdir(parents=True, exist_ok=True)
         r = subprocess.run(self._node([str(NODE_DIR / "expand.mjs"), str(model)]), capture_output=True, text=True,
-                           errors="replace", env=self.env(home, threads), cwd=home, timeout=timeout,
+                           errors="replace", cwd=home, timeout=timeout,
+                           env=self.env(home, threads, extra={"QMD_UNSLOTH_MAX_TOKENS": str(max_tokens)} if max_tokens
+                                        else None),
                            input=json.dumps(list(queries)))
         rows = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
         if r.returncode != 0 or len(rows) != len(queries):
@@ -204,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="qmd-home-") as tmp:
-        rows = q.expand(Path(args.model), args.queries, Path(args.home or tmp), threads=args.threads)
+        rows = q.expand(Path(args.model), args.queries, Path(args.home or tmp), threads=args.threads,
+                        max_tokens=1 if args.cmd == "capture" else None)
     for row in rows:
         cap = row["capture"] or {}
         if args.cmd == "capture":

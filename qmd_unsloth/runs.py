@@ -104,7 +104,7 @@ def _write_start(path: Path, cfg, data_hash: str | None, extra: dict | None) -> 
         link.unlink(missing_ok=True)
 
 
-def prepare_data(run: Path, cfg, chat_template: str | None) -> dict:
+def prepare_data(run: Path, cfg, chat_format) -> dict:
     """``data.prepare`` into ``<run>/data`` by the main process; the other ranks wait, then read what it wrote.
     Every rank then checks that it sees the same split (a fingerprint of the prepared files)."""
     import hashlib
@@ -112,7 +112,7 @@ def prepare_data(run: Path, cfg, chat_template: str | None) -> dict:
     from .data import prepare
 
     out = run / "data"
-    meta = prepare(out, cfg.data, cfg.seed, cfg.val_fraction, chat_template=chat_template) \
+    meta = prepare(out, cfg.data, cfg.seed, cfg.val_fraction, chat_format=chat_format) \
         if dist.is_main_process() else None
     dist.barrier()
     if meta is None:

@@ -4,8 +4,14 @@
     python -m qmd_unsloth.serve reload --model NEW.gguf [--url http://127.0.0.1:8765] [--token ...]
 
 Endpoints: ``GET /health`` (model path, load time, requests served), ``GET /v1/models``, ``POST
-/v1/chat/completions`` (OpenAI-compatible, ``max_tokens`` honoured), ``GET /expand?q=QUERY`` (QMD's prompt, sampling
-and lex/vec/hyde grammar; the parsed lines and their reward), ``POST /admin/reload-model`` with ``{"path": FILE}``.
+/v1/chat/completions`` (OpenAI-compatible, ``max_tokens`` honoured; a chat without a system message gets
+node-llama-cpp's default system prompt, as QMD's chat session does), ``GET /expand?q=QUERY`` (QMD's prompt, sampling,
+grammar and 600-token cap: the lines, the ones QMD would keep, their reward, and ``searches`` in the shape QMD's own
+HTTP ``POST /query`` takes), ``POST /admin/reload-model`` with ``{"path": FILE}``.
+
+QMD itself never calls this server: it runs the GGUF in its own process (node-llama-cpp).  ``serve`` is for
+OpenAI-compatible clients, for trying a model by hand and for hot swaps; a QMD user can send ``/expand``'s
+``searches`` to ``qmd mcp --http``'s ``POST /query`` (docs/serving.md).
 A reload runs the export's checks (qmd_unsloth.gguf_check) on the new file while the old model keeps serving, then
 swaps; a file that fails is refused with the reason (HTTP 422) and the old model stays.  Requests in flight finish on
 the model they started on; the old model is closed when its last request ends.
@@ -59,11 +65,11 @@ class ServedModel:
     def __init__(self, path: Path, llm, info: dict):
         from llama_cpp import LlamaGrammar
 
-        from .eval import GBNF
+        from .qmd_contract import GRAMMAR
 
         self.path, self.llm, self.info = Path(path).resolve(), llm, info
-        self.template = llm.metadata.get("tokenizer.chat_template")
-        self.grammar = LlamaGrammar.from_string(GBNF, verbose=False)
+        self.fmt = info["chat_format"]  # how QMD's node-llama-cpp wraps this model's chats (gguf_check)
+        self.grammar = LlamaGrammar.from_string(GRAMMAR, verbose=False)
         self.loaded_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.lock = threading.Lock()
         self.rng = random.Random(0)
@@ -93,9 +99,10 @@ class ServedModel:
             cap = min(max_tokens, room)
             self.llm.set_seed(seed if seed is not None else self.rng.randrange(2**31))
             t0 = time.perf_counter()
-            text, n = generate_capped(self.llm, prompt, cap, grammar=self.grammar if grammar else None, **sampling)
-            return {"text": text, "prompt_tokens": n_prompt, "tokens": n, "finish_reason": "length" if n >= cap
-                    else "stop", "seconds": round(time.perf_counter() - t0, 4)}
+            text, n, stopped = generate_capped(self.llm, prompt, cap, grammar=self.grammar if grammar else None,
+                                               **sampling)
+            return {"text": text, "prompt_tokens": n_prompt, "tokens": n, "stopped": stopped,
+                    "finish_reason": "stop" if stopped else "length", "seconds": round(time.perf_counter() - t0, 4)}
 
     def close(self) -> None:
         with self.lock:
@@ -212,9 +219,12 @@ def create_app(slot: ModelSlot, token: str | None = None, max_tokens: int = 600,
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
-    from .gguf_check import SAMPLING, GGUFCheckError
-    from .prompt import parse_completion, render_chat, render_prompt
+    from .gguf_check import GGUFCheckError
+    from .prompt import parse_completion
+    from .qmd_contract import kept, kept_lines, llama_cpp_sampling
     from .reward import score_expansion
+
+    SAMPLING = llama_cpp_sampling()
 
     import asyncio
 
@@ -273,8 +283,8 @@ def create_app(slot: ModelSlot, token: str | None = None, max_tokens: int = 600,
                     else req.presence_penalty}
 
         def work(m: ServedModel):
-            return m.generate(render_chat(chat_msgs, m.template), cap, grammar=req.grammar == "qmd", seed=req.seed,
-                              **sampling)
+            return m.generate(m.fmt.chat(chat_msgs), cap, grammar=req.grammar == "qmd", seed=req.seed,
+                              **{**SAMPLING, **sampling})
 
         try:
             m, out = await run_in_threadpool(slot.run, work)
@@ -298,14 +308,17 @@ def create_app(slot: ModelSlot, token: str | None = None, max_tokens: int = 600,
             return error(400, "q: the query is empty")
 
         def work(m: ServedModel):
-            return m.generate(render_prompt(q, m.template), max_tokens, grammar=True, seed=seed, **SAMPLING)
+            return m.generate(m.fmt.prompt(q), max_tokens, grammar=True, seed=seed, **SAMPLING)
 
         m, out = await run_in_threadpool(slot.run, work)
         score = score_expansion(q, out["text"])
+        searches = [{"type": "lex", "query": q.strip()}, {"type": "vec", "query": q.strip()}] + [
+            {"type": k, "query": t} for k, t in kept_lines(q, out["text"])]
         return {"query": q, "model": m.path.name,
                 "lines": [{"kind": k, "text": t} for k, t in parse_completion(out["text"])],
-                "text": out["text"], "tokens": out["tokens"], "seconds": out["seconds"],
-                "score": round(score.score, 4), "rating": score.rating}
+                "kept": [{"kind": k, "text": t} for k, t in kept(q, out["text"])],
+                "searches": searches, "text": out["text"], "tokens": out["tokens"], "stopped": out["stopped"],
+                "seconds": out["seconds"], "score": round(score.score, 4), "rating": score.rating}
 
     @app.post("/admin/reload-model")
     async def reload_model(req: ReloadRequest):

@@ -13,13 +13,14 @@ from .cli import command
 from .config import SFTConfig
 
 
-def prepare_datasets(cfg: SFTConfig, tokenizer, run: Path):
-    """Renders the data with the model's own chat template into ``<run>/data`` and loads it with datasets."""
+def prepare_datasets(cfg: SFTConfig, chat_format, run: Path):
+    """Renders the data as QMD feeds the model (``chat_format``: its node-llama-cpp wrapper) into ``<run>/data`` and
+    loads it with datasets."""
     from datasets import load_dataset
 
     from .runs import prepare_data
 
-    meta = prepare_data(run, cfg, tokenizer.chat_template)  # written once, by the main process
+    meta = prepare_data(run, cfg, chat_format)  # written once, by the main process
     files = {"train": str(run / "data" / "train.jsonl")}
     if meta["val"]:
         files["val"] = str(run / "data" / "val.jsonl")
@@ -34,11 +35,9 @@ def build_trainer(cfg: SFTConfig, run: Path):
     from .model import load_for_training
 
     model, tokenizer, backend = load_for_training(cfg.base_model, cfg)
-    if tokenizer.chat_template is None:
-        from .prompt import qwen3_chat_template
+    from .prompt import model_chat_format
 
-        tokenizer.chat_template = qwen3_chat_template()
-    train, val, meta = prepare_datasets(cfg, tokenizer, run)
+    train, val, meta = prepare_datasets(cfg, model_chat_format(model, tokenizer), run)
 
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer

@@ -98,8 +98,9 @@ def test_prepare_writes_prompt_completion_rows(tmp_path):
     assert meta["train"] == len(train) and len(meta["data_hash"]) == 64
     row = train[0]
     assert set(row) == {"query", "category", "lang", "target", "prompt", "completion"}
-    assert row["prompt"].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
-    assert row["completion"] == row["target"] + "<|im_end|>"
+    assert row["prompt"].startswith("<|im_start|>system\nYou are a helpful, respectful and honest assistant.")
+    assert row["prompt"].endswith("<|im_start|>assistant\n") and "<think>" not in row["prompt"]
+    assert row["completion"] == row["target"] + "<|im_end|>" and row["target"].endswith("\n")
     assert row["target"].startswith("hyde: ")
     assert not list(out.glob(".*tmp"))  # nothing half-written left behind
 

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from qmd_unsloth.eval import GBNF, read_queries
+from qmd_unsloth.eval import read_queries
+from qmd_unsloth.qmd_contract import GRAMMAR
 from tests.conftest import REPO, run_module
 
 
@@ -30,8 +31,8 @@ def test_query_language(category, query, lang):
 
 def test_grammar_admits_only_prefixed_lines():
     llama_cpp = pytest.importorskip("llama_cpp")
-    llama_cpp.LlamaGrammar.from_string(GBNF, verbose=False)  # parses
-    assert '"lex" | "vec" | "hyde"' in GBNF
+    llama_cpp.LlamaGrammar.from_string(GRAMMAR, verbose=False)  # parses
+    assert '"lex" | "vec" | "hyde"' in GRAMMAR and 'line ::= type ": " content "\\n"' in GRAMMAR
 
 
 @pytest.fixture
@@ -49,8 +50,11 @@ def test_gguf_eval_with_samples_and_compare(tiny_gguf, tiny_model, few_queries, 
     report = json.loads((tmp_path / "ev" / "report.json").read_text())
     gguf, hf = report["models"]
     assert gguf["kind"] == "gguf" and hf["kind"] == "hf"
-    assert gguf["decoding"] == {"temperature": 0.7, "top_k": 20, "top_p": 0.8, "presence_penalty": 0.5,
-                                "grammar": True}
+    assert gguf["decoding"] == {"temperature": 0.7, "top_k": 20, "top_p": 0.8, "min_p": 0.0, "presence_penalty": 0.0,
+                                "grammar": True, "max_tokens": 24}
+    for row in gguf["rows"]:  # stopped by itself, or cut at the cap
+        assert row["stopped"] or row["tokens"] == 24
+    assert gguf["stopped_by_itself"] == round(sum(r["stopped"] for r in gguf["rows"]) / 8, 4)
     assert gguf["completions"] == 8 and gguf["samples_per_query"] == 2
     assert set(gguf["categories"]) == {"devops", "science", "multilingual_zh"}
     assert sum(gguf["ratings"].values()) == 8 and 0 <= gguf["mean_score"] <= 1

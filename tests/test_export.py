@@ -44,14 +44,15 @@ def test_q4_k_m_and_q8_0_are_written_and_verified(exported):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary left behind
 
 
-def test_embedded_chat_template_renders_the_training_prompt(exported):
+def test_qmd_wraps_the_exported_model_as_it_was_trained(exported):
     from qmd_unsloth.export import read_gguf
-    from qmd_unsloth.prompt import render_prompt
+    from qmd_unsloth.prompt import QWEN3, chat_format
 
-    out, _ = exported
+    out, report = exported
     info = read_gguf(out / "qmd-query-expansion-q4_k_m.gguf", DEFAULT_DIR)
-    for q in ("auth config", '"connection reset by peer"', "kubernets ingress"):
-        assert render_prompt(q, info["chat_template"]) == render_prompt(q)
+    # node-llama-cpp picks its wrapper from the embedded template and the architecture: Qwen, as in training
+    assert chat_format(info["chat_template"], info["architecture"], info["bos_token"]) == QWEN3
+    assert report["files"]["qmd-query-expansion-q4_k_m.gguf"]["chat_format"] == {"wrapper": "Qwen", "bos": ""}
 
 
 def test_llama_cpp_tokenizes_the_prompt_like_the_hf_tokenizer(exported, tiny_model):
@@ -68,13 +69,20 @@ def test_llama_cpp_tokenizes_the_prompt_like_the_hf_tokenizer(exported, tiny_mod
     llm.close()
 
 
-def test_modelfile_uses_qmd_sampling_and_no_system_prompt(exported):
+def test_modelfile_gives_ollama_qmds_context_and_sampling(exported):
+    from qmd_unsloth.prompt import render_prompt
+
     out, _ = exported
     text = (out / "Modelfile").read_text()
     assert "FROM ./qmd-query-expansion-q4_k_m.gguf" in text
-    for line in ("PARAMETER temperature 0.7", "PARAMETER top_k 20", "PARAMETER top_p 0.8", "PARAMETER stop <|im_end|>"):
+    for line in ("PARAMETER temperature 0.7", "PARAMETER top_k 20", "PARAMETER top_p 0.8", "PARAMETER min_p 0.0",
+                 "PARAMETER stop <|im_end|>", "PARAMETER num_predict 600"):
         assert line in text
-    assert "SYSTEM" not in text and "<think>\n\n</think>\n\n" in text
+    assert "<think>" not in text
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    system = text.split('SYSTEM """', 1)[1].split('"""', 1)[0]
+    prompt = "/no_think Expand this search query: auth config"
+    assert template.replace("{{ .System }}", system).replace("{{ .Prompt }}", prompt) == render_prompt("auth config")
 
 
 def test_missing_tools_is_a_one_line_error(tiny_model, tmp_path):

@@ -6,6 +6,8 @@
 //  * when QMD_UNSLOTH_THREADS=N is set, gives every context N CPU threads.  This is a harness choice for small
 //    machines: node-llama-cpp gives CPU contexts max(4, cores) threads and QMD sets none, which on 2 cores makes
 //    one expansion many times slower.  Threads change speed, not the tokens sampled.
+//  * when QMD_UNSLOTH_MAX_TOKENS=N is set, caps generation at N tokens: for capturing the context alone (the prompt
+//    is built before the first token), never for measuring an expansion.
 import { appendFileSync } from "node:fs";
 import { pathToFileURL } from "node:url";
 import { join } from "node:path";
@@ -35,8 +37,10 @@ async function patch(nlc) {
     const generated = [];
     const userOnToken = options.onToken;
     const t0 = performance.now();
+    const cap = Number.parseInt(process.env.QMD_UNSLOTH_MAX_TOKENS ?? "", 10);
     const meta = await originalPromptWithMeta.call(this, prompt, {
       ...options,
+      ...(cap > 0 ? { maxTokens: Math.min(cap, options.maxTokens ?? cap) } : {}),
       onToken: (tokens) => { generated.push(...tokens); if (userOnToken) userOnToken(tokens); },
     });
     const model = this.model;
