@@ -226,8 +226,8 @@ class ServeConfig(StageConfig):
     model: Path | None = Field(None, description="the GGUF to serve")
     host: str = Field("127.0.0.1", description="address to bind; anything but loopback needs a token")
     port: int = Field(8765, ge=0, le=65535, description="0 picks a free port")
-    token: SecretStr | None = Field(None, description="bearer token for non-loopback clients (prefer the env "
-                                    "variable QMD_UNSLOTH_SERVE_TOKEN: flags show in ps)")
+    token: SecretStr | None = Field(None, description="bearer token for admin calls and for non-loopback or proxied "
+                                    "clients (prefer the env variable QMD_UNSLOTH_SERVE_TOKEN: flags show in ps)")
     max_tokens: int = Field(600, gt=0, description="default token cap of /expand and chat completions (QMD: 600)")
     n_ctx: int = Field(2048, gt=64, description="context size (QMD: 2048; capped at the model's own)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
