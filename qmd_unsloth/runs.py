@@ -244,10 +244,11 @@ def plot(history: list[dict], keys: tuple[str, ...], out: Path) -> None:
 
 
 def train_stage(stage: str, cfg, resume: bool, build, plot_keys: tuple[str, ...], plot_name: str,
-                base_name: str, evaluate: bool = False) -> Path:
+                base_name: str, evaluate: bool = False, check=None) -> Path:
     """The flow both trainers share: run folder, build, train (resumable, stoppable), metrics, plot, merged model.
 
-    ``build(cfg, run_path)`` returns ``(trainer, tokenizer, backend, extra metrics)``.
+    ``build(cfg, run_path)`` returns ``(trainer, tokenizer, backend, extra metrics)``; ``check(cfg)``, when given,
+    runs before the run folder is made (the TRL passthrough's checks).
     """
     from transformers import set_seed
 
@@ -257,6 +258,8 @@ def train_stage(stage: str, cfg, resume: bool, build, plot_keys: tuple[str, ...]
     check_rows(cfg.data, cfg.seed, cfg.val_fraction)  # bad data or a bad model path: one line, before any loading
     resolve(base_name, getattr(cfg, "gguf_file", None))
     dist.init(cfg.use_cpu)
+    if check is not None:
+        check(cfg)
     launch = dist.describe(cfg)
     run_path = start(cfg, stage, resume, data_hash(cfg.data), launch)
     set_seed(cfg.seed)  # the LoRA's initial weights too: the same on one process or many (DDP copies rank 0's)
