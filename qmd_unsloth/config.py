@@ -17,6 +17,7 @@ from pydantic import Field, PrivateAttr, SecretStr, ValidationError, model_valid
 from pydantic_settings import BaseSettings, CliSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings import YamlConfigSettingsSource
 from .cli import UsageError
+from .hf_data import HFDataset
 from .qmd_contract import SAMPLING
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -92,6 +93,9 @@ class SFTConfig(TrainCommon):
     base_model: str = Field("Qwen/Qwen3-1.7B", description="hub id, local folder, or local .gguf file")
     gguf_file: str | None = Field(None, description="file name inside base_model when it is a folder of GGUFs")
     data: list[Path] = Field(default_factory=lambda: [REPO_ROOT / "data"], description="JSONL files or folders")
+    hf_datasets: list[HFDataset] = Field(default_factory=list, description="Hugging Face datasets used beside data "
+                                         "(hub id, save_to_disk folder, parquet/JSONL files) with a column mapping: "
+                                         "docs/data.md; data: [] for the datasets alone")
     val_fraction: float = Field(0.05, ge=0, lt=1)
     num_train_epochs: float = Field(5, gt=0)
     eval_steps: int = Field(50, gt=0)
@@ -104,6 +108,8 @@ class GRPOConfig(TrainCommon):
     model_config = SettingsConfigDict(env_prefix="QMD_UNSLOTH_GRPO_")
     sft_model: str = Field("runs/sft/latest/merged", description="the merged SFT model (folder or hub id)")
     data: list[Path] = Field(default_factory=lambda: [REPO_ROOT / "data"])
+    hf_datasets: list[HFDataset] = Field(default_factory=list, description="Hugging Face datasets used beside data "
+                                         "(docs/data.md)")
     val_fraction: float = Field(0.05, ge=0, lt=1)
     lora_r: int = Field(4, gt=0)
     lora_alpha: int = Field(8, gt=0)
