@@ -120,7 +120,7 @@ def resolve(trl_cls, ours: dict, cfg, warn: bool = True) -> tuple[dict, dict]:
             raise PassthroughError(f"{where}: {KEY}.{key}: {err['msg']} (got {value!r})") from None
         if key in ours:
             ignored[key] = value
-            if warn and value != ours[key]:
+            if warn and value != ours[key] and _main_process():
                 ours_key = _our_key(key, cfg)
                 use = f"set {ours_key} instead" if ours_key else "qmd_unsloth fixes it"
                 print(f"warning: {where}: {KEY}.{key} = {value!r} ignored: our own setting {ours[key]!r} wins ({use})",
@@ -128,6 +128,12 @@ def resolve(trl_cls, ours: dict, cfg, warn: bool = True) -> tuple[dict, dict]:
             continue
         applied[key] = value
     return applied, ignored
+
+
+def _main_process() -> bool:
+    from . import dist
+
+    return dist.is_main_process()  # every rank checks; one says so
 
 
 def build(trl_cls, ours: dict, cfg, warn: bool = True):

@@ -4,7 +4,6 @@ The hub cannot be reached from this machine: where a hub id is tested, a dataset
 cache (the layout `hf download --repo-type dataset` writes) stands in for it, and the test says so."""
 
 import json
-import os
 
 import pytest
 
