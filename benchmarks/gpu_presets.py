@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
     grpo_extra = dict(small)
     if dry:
-        grpo_extra.update(num_generations=2, max_completion_length=8, per_device_train_batch_size=2)
+        grpo_extra.update(num_generations=2, max_completion_length=8, per_device_train_batch_size=2,
+                          gradient_accumulation_steps=1)
     grpo_cfg = C.load(C.GRPOConfig, REPO / "configs" / "presets" / "grpo-12gb.yaml", sft_model=args.model,
                       run_name="grpo", max_steps=3 if dry else GRPO_STEPS, use_vllm="off", **grpo_extra)
     try:

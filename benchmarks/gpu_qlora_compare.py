@@ -45,7 +45,8 @@ def worker(backend: str, model: str, work: Path, dry: bool) -> dict:
     grpo_backend = "hf" if dry else backend
     grpo_cfg = C.load(C.GRPOConfig, None, sft_model=model, backend=grpo_backend, run_name=f"grpo-{backend}",
                       max_steps=3 if dry else GRPO_STEPS, per_device_train_batch_size=2 if dry else 4,
-                      num_generations=2 if dry else 4, max_completion_length=8 if dry else GRPO_TOKENS,
+                      num_generations=2 if dry else 4, gradient_accumulation_steps=1,
+                      max_completion_length=8 if dry else GRPO_TOKENS,
                       use_vllm="off", **common)
     result["grpo"] = run_grpo(grpo_cfg, work / "grpo")
     return result

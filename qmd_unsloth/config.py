@@ -11,12 +11,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, CliSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings import YamlConfigSettingsSource
 from .cli import UsageError
+from .hf_data import HFDataset
 from .qmd_contract import MAX_TOKENS as QMD_MAX_TOKENS
 from .qmd_contract import SAMPLING as QMD_SAMPLING
 
@@ -72,6 +73,11 @@ class TrainCommon(StageConfig):
         True, description="Unsloth 4-bit on CUDA: load Unsloth's pre-quantized copy of a hub base (e.g. "
         "unsloth/Qwen3-1.7B-unsloth-bnb-4bit for Qwen/Qwen3-1.7B: smaller download, less load-time memory); the "
         "run folder records the repo loaded. false: the named repo, quantized at load")
+    trl: dict[str, Any] = Field(
+        default_factory=dict, description="TRL passthrough: any other field of TRL's SFTConfig/GRPOConfig (YAML "
+        "mapping; env JSON; flags --trl key=value, repeatable), checked against the installed TRL when the stage "
+        "starts; our own keys win where they overlap (docs/training.md)")
+    _trl_sources: dict = PrivateAttr(default_factory=dict)  # where each trl key came from (for one-line errors)
 
     @model_validator(mode="after")
     def _no_embeddings(self):
@@ -88,6 +94,9 @@ class SFTConfig(TrainCommon):
     base_model: str = Field("Qwen/Qwen3-1.7B", description="hub id, local folder, or local .gguf file")
     gguf_file: str | None = Field(None, description="file name inside base_model when it is a folder of GGUFs")
     data: list[Path] = Field(default_factory=lambda: [REPO_ROOT / "data"], description="JSONL files or folders")
+    hf_datasets: list[HFDataset] = Field(default_factory=list, description="Hugging Face datasets used beside data "
+                                         "(hub id, save_to_disk folder, parquet/JSONL files) with a column mapping: "
+                                         "docs/data.md; data: [] for the datasets alone")
     val_fraction: float = Field(0.05, ge=0, lt=1)
     num_train_epochs: float = Field(5, gt=0)
     eval_steps: int = Field(50, gt=0)
@@ -100,6 +109,8 @@ class GRPOConfig(TrainCommon):
     model_config = SettingsConfigDict(env_prefix="QMD_UNSLOTH_GRPO_")
     sft_model: str = Field("runs/sft/latest/merged", description="the merged SFT model (folder or hub id)")
     data: list[Path] = Field(default_factory=lambda: [REPO_ROOT / "data"])
+    hf_datasets: list[HFDataset] = Field(default_factory=list, description="Hugging Face datasets used beside data "
+                                         "(docs/data.md)")
     val_fraction: float = Field(0.05, ge=0, lt=1)
     lora_r: int = Field(4, gt=0)
     lora_alpha: int = Field(8, gt=0)
@@ -109,12 +120,27 @@ class GRPOConfig(TrainCommon):
     learning_rate: float = Field(2e-5, gt=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     beta: float = Field(0.04, gt=0, description="KL weight; must stay > 0 (beta=0 drifts off the format)")
-    num_generations: int = Field(4, ge=2)
+    # Batch (TRL 1.14 GRPOConfig): per_device_train_batch_size counts COMPLETIONS; one generation batch of
+    # per_device x accumulation x processes completions is sampled per optimizer step (steps_per_generation defaults
+    # to gradient_accumulation_steps), i.e. that / num_generations distinct prompts.  8 x 4 / 8 = 4 prompts per step
+    # (one prompt per step gave a gradient from one group only), and groups of 8 rather than 4: at QMD's temperature
+    # an SFT model often writes 4 expansions of equal reward, a group with no variance and so no advantage.  8
+    # completions of <= 200 tokens per micro-batch fit a 12 GB card with Qwen3-1.7B in 4 bits (the 12 GB preset
+    # halves the micro-batch and doubles the accumulation).
+    num_generations: int = Field(8, ge=2, description="completions per prompt (the group GRPO compares)")
     max_steps: int = 200
     max_completion_length: int = Field(200, gt=0)
-    temperature: float = Field(1.0, gt=0)
-    per_device_train_batch_size: int = Field(4, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
+    per_device_train_batch_size: int = Field(8, gt=0, description="completions per micro-batch")
+    gradient_accumulation_steps: int = Field(4, gt=0, description="micro-batches per optimizer step (and per "
+                                             "generation batch)")
+    # Sampling as QMD samples when it serves the GGUF (qmd_contract.SAMPLING): the policy is optimised for the
+    # distribution it is served at.  QMD's presence penalty (0.5) has no TRL counterpart (transformers' generate has
+    # none; vLLM's would make the two backends differ), so it is left out; repetition penalty is off as in QMD.
+    temperature: float = Field(QMD_SAMPLING["temperature"], gt=0, description="sampling temperature (QMD: 0.7)")
+    top_k: int = Field(QMD_SAMPLING["top_k"], ge=0, description="top-k sampling (QMD: 20; 0: off)")
+    top_p: float = Field(QMD_SAMPLING["top_p"], gt=0, le=1, description="nucleus sampling (QMD: 0.8)")
+    min_p: float = Field(QMD_SAMPLING["min_p"], ge=0, le=1, description="min-p sampling (QMD: none, 0: off)")
+    repetition_penalty: float = Field(QMD_SAMPLING["repeat_penalty"], gt=0, description="(QMD: off, 1.0)")
     use_vllm: Literal["auto", "on", "off"] = Field("auto", description="fast generation through vLLM when installed")
     save_steps: int = Field(50, gt=0)
     # Prompts and rewards.  The rule reward (qmd_unsloth.reward) always runs; the retrieval reward
@@ -235,8 +261,8 @@ class ServeConfig(StageConfig):
     model: Path | None = Field(None, description="the GGUF to serve")
     host: str = Field("127.0.0.1", description="address to bind; anything but loopback needs a token")
     port: int = Field(8765, ge=0, le=65535, description="0 picks a free port")
-    token: SecretStr | None = Field(None, description="bearer token for non-loopback clients (prefer the env "
-                                    "variable QMD_UNSLOTH_SERVE_TOKEN: flags show in ps)")
+    token: SecretStr | None = Field(None, description="bearer token for admin calls and for non-loopback or proxied "
+                                    "clients (prefer the env variable QMD_UNSLOTH_SERVE_TOKEN: flags show in ps)")
     max_tokens: int = Field(600, gt=0, description="default token cap of /expand and chat completions (QMD: 600)")
     n_ctx: int = Field(2048, gt=64, description="context size (QMD: 2048; capped at the model's own)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
@@ -308,19 +334,32 @@ def load(cls: type[StageConfig], yaml_path: str | Path | None = None, cli_args: 
             raise ConfigError(f"{yaml_path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"{yaml_path}: must hold a mapping of keys to values")
+    else:
+        data = None
     bound = type(cls.__name__, (cls,), {"model_config": {**cls.model_config, "yaml_file": yaml_path}})
     try:
         if cli_args is not None:
             parser = _ErrorParser(prog=cls.__name__, add_help=False)
             cli = CliSettingsSource(bound, root_parser=parser, cli_parse_args=cli_args, cli_exit_on_error=False)
-            return bound(_cli_settings_source=cli(args=cli_args), **overrides)
-        return bound(**overrides)
+            cfg = bound(_cli_settings_source=cli(args=cli_args), **overrides)
+        else:
+            cfg = bound(**overrides)
     except ValidationError as e:
         raise ConfigError(_one_line(e, cls, yaml_path, cli_args)) from None
     except ConfigError:
         raise
-    except Exception as e:  # CLI parse errors from pydantic-settings
-        raise ConfigError(f"command line: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # CLI parse errors from pydantic-settings, or an environment value that is not JSON
+        first = str(e).splitlines()[0]
+        if "from source \"EnvSettingsSource\"" in first and '"' in first:
+            env = cls.model_config.get("env_prefix", "") + first.split('"')[1].upper()
+            raise ConfigError(f"environment {env}: not valid JSON (a list or mapping must be written as JSON, e.g. "
+                              f"{env}='{{\"key\": 1}}')") from None
+        raise ConfigError(f"command line: {first}") from None
+    if "trl" in type(cfg).model_fields:
+        from .trl_passthrough import key_sources
+
+        cfg._trl_sources = key_sources(cls.model_config.get("env_prefix", ""), yaml_path, data, cli_args, overrides)
+    return cfg
 
 
 class _ErrorParser(argparse.ArgumentParser):

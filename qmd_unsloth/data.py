@@ -3,6 +3,10 @@
     python -m qmd_unsloth.data validate data/*.jsonl
     python -m qmd_unsloth.data prepare --out runs/prepared
     python -m qmd_unsloth.data stats
+    python -m qmd_unsloth.data validate --dataset me/qmd-rows --column query=question --column output=expansions
+
+Rows also come from Hugging Face datasets (a hub id, a save_to_disk folder, parquet/JSONL/CSV files) mapped into the
+schema by a column mapping (qmd_unsloth.hf_data, docs/data.md) and checked by the same row validator.
 
 One schema, ``{"query": str, "output": [[kind, text], ...]}`` with kind in lex/vec/hyde, optional ``category``,
 ``intent`` and ``lang`` (the query's ISO 639-1 code, e.g. ``zh``; untagged rows are English unless their script
@@ -133,8 +137,11 @@ def read_examples(path: str | os.PathLike) -> Iterator[tuple[int, Example | None
             yield lineno, None, str(e)
 
 
-def data_files(paths: Iterable[str | os.PathLike] | None = None) -> list[Path]:
-    """The given files, the *.jsonl files of given folders, or every data/*.jsonl when nothing is given."""
+def data_files(paths: Iterable[str | os.PathLike] | None = None, datasets=None) -> list[Path]:
+    """The given files, the *.jsonl files of given folders, or every data/*.jsonl when nothing is given (with
+    ``datasets`` given, an empty list of paths means no JSONL files: the datasets alone)."""
+    if datasets and paths is not None and not list(paths):
+        return []
     out: list[Path] = []
     for p in [DEFAULT_DATA_DIR] if not paths else paths:
         p = Path(p)
@@ -142,16 +149,29 @@ def data_files(paths: Iterable[str | os.PathLike] | None = None) -> list[Path]:
     return out
 
 
-def validate(paths: Iterable[str | os.PathLike]) -> tuple[list[str], int]:
-    """Returns (every problem as ``PATH:LINE: reason``, number of good rows)."""
+def validate(paths: Iterable[str | os.PathLike], datasets=None) -> tuple[list[str], int]:
+    """Returns (every problem as ``PATH:LINE: reason`` or ``SOURCE[SPLIT]:ROW: reason``, number of good rows).  A
+    dataset that cannot be loaded raises DatasetSourceError (one line)."""
     errors, good = [], 0
-    for path in data_files(paths):
+    for path in data_files(paths, datasets):
         for lineno, ex, err in read_examples(path):
             if err:
                 errors.append(f"{path}:{lineno}: {err}" if lineno else f"{path}: {err}")
             else:
                 good += 1
+    for rows, errs in _dataset_rows(datasets):
+        errors.extend(errs)
+        good += len(rows)
     return errors, good
+
+
+def _dataset_rows(datasets):
+    """(examples, errors) of each Hugging Face dataset source (none: nothing imported)."""
+    if not datasets:
+        return []
+    from .hf_data import examples, parse_specs
+
+    return [examples(spec) for spec in parse_specs(datasets)]
 
 
 def normalise_query(query: str) -> str:
@@ -171,29 +191,45 @@ def near_duplicate_key(query: str) -> str:
     return " ".join(sorted(toks or set(tokens(query))))
 
 
-def load_examples(paths: Iterable[str | os.PathLike] | None = None, dedupe: bool = True) -> list[Example]:
-    """Every example of the files (or data/*.jsonl); raises DataError listing every bad line."""
+def load_examples(paths: Iterable[str | os.PathLike] | None = None, dedupe: bool = True,
+                  datasets=None) -> list[Example]:
+    """Every example of the files (or data/*.jsonl), then of the datasets; raises DataError listing every bad row."""
     errors, examples, seen = [], [], set()
-    for path in data_files(paths):
+
+    def add(ex):
+        key = normalise_query(ex.query)
+        if dedupe and key in seen:
+            return
+        seen.add(key)
+        examples.append(ex)
+
+    for path in data_files(paths, datasets):
         for lineno, ex, err in read_examples(path):
             if err:
                 errors.append(f"{path}:{lineno}: {err}" if lineno else f"{path}: {err}")
                 continue
-            key = normalise_query(ex.query)
-            if dedupe and key in seen:
-                continue
-            seen.add(key)
-            examples.append(ex)
+            add(ex)
+    for rows, errs in _dataset_rows(datasets):
+        errors.extend(errs)
+        for ex in rows:
+            add(ex)
     if errors:
         raise DataError(errors)
     return examples
 
 
-def check_rows(paths=None, seed: int = SPLIT_SEED, val_fraction: float = VAL_FRACTION) -> list[Example]:
+def check_rows(paths=None, seed: int = SPLIT_SEED, val_fraction: float = VAL_FRACTION,
+               datasets=None) -> list[Example]:
     """The examples, or DataError when a file is bad or no training row is left (an empty file or folder)."""
-    examples = load_examples(paths)
+    examples = load_examples(paths, datasets=datasets)
     if not split(examples, seed, val_fraction)[0]:
-        where = ", ".join(str(p) for p in (paths or [DEFAULT_DATA_DIR]))
+        sources = [str(p) for p in data_files(paths, datasets)] if datasets else \
+            [str(p) for p in (paths or [DEFAULT_DATA_DIR])]
+        if datasets:
+            from .hf_data import parse_specs
+
+            sources += [spec.label for spec in parse_specs(datasets)]
+        where = ", ".join(sources)
         raise DataError([f"{where}: no training rows (an empty file, or a folder without *.jsonl files)"])
     return examples
 
@@ -211,12 +247,18 @@ def split(examples: list[Example], seed: int = SPLIT_SEED, val_fraction: float =
     return train, val
 
 
-def data_hash(paths: Iterable[str | os.PathLike] | None = None) -> str:
-    """SHA-256 over the data files' names and bytes (recorded in every run folder)."""
+def data_hash(paths: Iterable[str | os.PathLike] | None = None, datasets=None) -> str:
+    """SHA-256 over the data files' names and bytes, and each dataset's source and rows (recorded in every run
+    folder)."""
     h = hashlib.sha256()
-    for p in data_files(paths):
+    for p in data_files(paths, datasets):
         h.update(p.name.encode() + b"\0")
         h.update(p.read_bytes())
+    if datasets:
+        from .hf_data import fingerprint, parse_specs
+
+        for spec in parse_specs(datasets):
+            h.update(fingerprint(spec).encode())
     return h.hexdigest()
 
 
@@ -234,9 +276,9 @@ def prepared_rows(examples: list[Example], chat_format=None) -> list[dict]:
 
 
 def prepare(out_dir, paths=None, seed: int = SPLIT_SEED, val_fraction: float = VAL_FRACTION,
-            chat_format=None) -> dict:
+            chat_format=None, datasets=None) -> dict:
     """Writes ``train.jsonl``, ``val.jsonl`` and ``prepare.json`` (counts, seed, data hash) into ``out_dir``."""
-    examples = check_rows(paths, seed, val_fraction)
+    examples = check_rows(paths, seed, val_fraction, datasets)
     train, val = split(examples, seed, val_fraction)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # an output folder that cannot be made fails before the rendering
@@ -244,7 +286,11 @@ def prepare(out_dir, paths=None, seed: int = SPLIT_SEED, val_fraction: float = V
         rows = prepared_rows(part, chat_format)
         atomic_write_text(out_dir / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     meta = {"train": len(train), "val": len(val), "seed": seed, "val_fraction": val_fraction,
-            "data_hash": data_hash(paths), "files": [str(p) for p in data_files(paths)]}
+            "data_hash": data_hash(paths, datasets), "files": [str(p) for p in data_files(paths, datasets)]}
+    if datasets:
+        from .hf_data import parse_specs
+
+        meta["datasets"] = [spec.label for spec in parse_specs(datasets)]
     atomic_write_text(out_dir / "prepare.json", json.dumps(meta, indent=2) + "\n")
     return meta
 
@@ -316,22 +362,34 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m qmd_unsloth.data", description="Training data tools.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     v = sub.add_parser("validate", help="report every bad line as PATH:LINE: reason")
-    v.add_argument("paths", nargs="+", help="JSONL files or folders")
+    v.add_argument("paths", nargs="*", help="JSONL files or folders")
     p = sub.add_parser("prepare", help="write train/val prompt/completion files")
-    p.add_argument("paths", nargs="*", help="JSONL files or folders (default: data/*.jsonl)")
+    p.add_argument("paths", nargs="*", help="JSONL files or folders (default: data/*.jsonl, unless --dataset)")
     p.add_argument("--out", default="runs/prepared", help="output folder (default: runs/prepared)")
     p.add_argument("--seed", type=int, default=SPLIT_SEED)
     p.add_argument("--val-fraction", type=float, default=VAL_FRACTION)
     s = sub.add_parser("stats", help="counts, lengths, lines per kind and the reward distribution")
-    s.add_argument("paths", nargs="*", help="JSONL files or folders (default: data/*.jsonl)")
+    s.add_argument("paths", nargs="*", help="JSONL files or folders (default: data/*.jsonl, unless --dataset)")
     s.add_argument("--show-bad", type=int, default=20, metavar="N", help="list the N lowest rows not rated Excellent")
     s.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    for sp in (v, p, s):
+        g = sp.add_argument_group("Hugging Face datasets (docs/data.md)")
+        g.add_argument("--dataset", action="append", default=[], metavar="SOURCE",
+                       help="hub id, save_to_disk folder, or parquet/JSONL/CSV files (repeatable)")
+        g.add_argument("--split", default="train", help="split to read (default: train)")
+        g.add_argument("--name", help="the hub dataset's configuration name")
+        g.add_argument("--revision", help="hub revision")
+        g.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN",
+                       help="map our field (query, output, hyde, lex, vec, text, lang, category, intent) to a column")
     args = ap.parse_args(argv)
+    paths, datasets = _sources(ap, args)
 
     if args.cmd == "validate":
-        if not data_files(args.paths):
+        if not paths and not datasets:
+            ap.error("give JSONL files or folders, or --dataset SOURCE")
+        if paths and not data_files(paths):
             raise DataError([f"{', '.join(args.paths)}: no *.jsonl files in this folder"])
-        errors, good = validate(args.paths)
+        errors, good = validate(paths, datasets)
         for e in errors:
             print(e)
         print(f"{'error: ' if errors else ''}{good} good rows, {len(errors)} problem(s)", file=sys.stderr)
@@ -340,11 +398,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "prepare":
             if not 0 <= args.val_fraction < 1:
                 ap.error("--val-fraction must be in [0, 1)")
-            meta = prepare(args.out, args.paths or None, args.seed, args.val_fraction)
+            meta = prepare(args.out, paths, args.seed, args.val_fraction, datasets=datasets)
             print(f"wrote {args.out}/train.jsonl ({meta['train']} rows) and {args.out}/val.jsonl ({meta['val']} rows)")
             return 0
-        raw = sum(1 for p in data_files(args.paths or None) for _, ex, _ in read_examples(p) if ex)
-        examples = load_examples(args.paths or None)
+        raw = sum(1 for p in data_files(paths, datasets) for _, ex, _ in read_examples(p) if ex) \
+            + sum(len(rows) for rows, _ in _dataset_rows(datasets))
+        examples = load_examples(paths, datasets=datasets)
         st = stats(examples, raw)
         _print_stats(st, examples, args.show_bad)
         if args.json:
@@ -358,6 +417,30 @@ def main(argv: list[str] | None = None) -> int:
         more = " (the first 10 above; python -m qmd_unsloth.data validate lists all)" if len(e.errors) > 10 else ""
         print(f"error: {len(e.errors)} problems in the data{more}", file=sys.stderr)
         return 1
+
+
+def _sources(ap: argparse.ArgumentParser, args) -> tuple[list[str] | None, list | None]:
+    """(JSONL paths, dataset sources) of a data command: with --dataset and no paths, the datasets alone."""
+    if not args.dataset:
+        if args.column:
+            ap.error("--column needs --dataset")
+        return (args.paths or None), None
+    columns = {}
+    for c in args.column:
+        field, sep, col = c.partition("=")
+        if not sep or not field.strip() or not col.strip():
+            ap.error(f"--column {c}: expected FIELD=COLUMN, e.g. query=question")
+        columns[field.strip()] = col.strip()
+    from pydantic import ValidationError
+
+    from .hf_data import HFDataset
+
+    try:
+        datasets = [HFDataset(source=d, split=args.split, name=args.name, revision=args.revision, columns=columns)
+                    for d in args.dataset]
+    except ValidationError as e:
+        ap.error(f"--column: {e.errors()[0]['msg'].removeprefix('Value error, ')}")
+    return args.paths or [], datasets
 
 
 if __name__ == "__main__":

@@ -56,13 +56,16 @@ def reward_functions(cfg: GRPOConfig) -> tuple[list, list[float]]:
     """The reward functions and their weights: the rule reward, plus the retrieval reward when it is on."""
     from .reward import grpo_reward
 
-    funcs, weights = [grpo_reward], [cfg.rules_weight]
+    funcs = [grpo_reward]
     if cfg.retrieval_weight > 0:
         from .retrieval_reward import RetrievalReward
 
         funcs.append(RetrievalReward(cfg.retrieval_collection, cfg.retrieval_qrels, mode=cfg.retrieval_mode))
-        weights.append(cfg.retrieval_weight)
-    return funcs, weights
+    return funcs, reward_weights(cfg)
+
+
+def reward_weights(cfg: GRPOConfig) -> list[float]:
+    return [cfg.rules_weight] + ([cfg.retrieval_weight] if cfg.retrieval_weight > 0 else [])
 
 
 # The GRPO knobs set explicitly on both backends (Unsloth's patched GRPOConfig would otherwise replace TRL's defaults:
@@ -103,23 +106,56 @@ def build_trainer(cfg: GRPOConfig, run: Path):
 
     train = prompt_dataset(cfg, model_chat_format(model, tokenizer), run)
 
-    from trl import GRPOConfig as TRLGRPOConfig
     from trl import GRPOTrainer
 
+    args, applied = trl_config(cfg, run, backend, fast, warn=False)
+    trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=train,
+                          processing_class=tokenizer)
+    trainer._qmd_trl_applied = applied
+    return trainer, tokenizer, backend, len(train)
+
+
+def trl_args(cfg: GRPOConfig, run: Path, backend: str, fast: bool) -> dict:
+    """Our arguments of TRL's GRPOConfig (they win over the ``trl`` passthrough where both set one).  Sampling is
+    QMD's (qmd_contract.SAMPLING through our keys temperature, top_k, top_p, min_p, repetition_penalty); TRL has no
+    presence penalty (QMD's 0.5): transformers' generate has none, and vLLM's would make the backends differ."""
     from .runs import training_args
 
-    args = TRLGRPOConfig(
+    return dict(
         **training_args(cfg, run, backend),
         num_generations=cfg.num_generations,
         max_completion_length=cfg.max_completion_length,
         temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        min_p=cfg.min_p or None,  # None: no min-p filter at all (0.0 would add a no-op warper)
+        repetition_penalty=cfg.repetition_penalty,
         use_vllm=fast,
-        reward_weights=weights,
+        reward_weights=reward_weights(cfg),
         **grpo_settings(cfg, fast),
     )
-    trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=train,
-                          processing_class=tokenizer)
-    return trainer, tokenizer, backend, len(train)
+
+
+def trl_config(cfg: GRPOConfig, run: Path, backend: str, fast: bool, warn: bool = True):
+    """(TRL's GRPOConfig with the ``trl`` passthrough, the passthrough values applied)."""
+    from trl import GRPOConfig as TRLGRPOConfig
+
+    from .trl_passthrough import build
+
+    return build(TRLGRPOConfig, trl_args(cfg, run, backend, fast), cfg, warn)
+
+
+def check(cfg: GRPOConfig) -> None:
+    """The ``trl`` passthrough checked before the run folder is made and the model loads (see sft.check)."""
+    if not cfg.trl:
+        return
+    from .model import choose_backend, import_unsloth
+
+    backend = choose_backend(cfg.backend, cfg.use_cpu)
+    fast = use_vllm(cfg, backend)
+    if backend == "unsloth":
+        import_unsloth(vllm_standby=cfg.vllm_standby and fast)  # as build_trainer does: standby is read at import
+    trl_config(cfg, Path(cfg.output_dir) / "grpo" / ".check", backend, fast, warn=True)
 
 
 def run(cfg: GRPOConfig, resume: bool = False) -> Path:
@@ -128,10 +164,20 @@ def run(cfg: GRPOConfig, resume: bool = False) -> Path:
 
     def build(cfg, run_path):
         trainer, tokenizer, backend, n = build_trainer(cfg, run_path)
-        used = {k: getattr(trainer.args, k) for k in GRPO_SETTINGS}  # as the trainer holds them, after any patching
-        return trainer, tokenizer, backend, {"prompts": n, "generations": cfg.num_generations, "grpo_settings": used}
+        from .trl_passthrough import record
 
-    return train_stage("grpo", cfg, resume, build, ("reward", "reward_std", "kl"), "reward.png", cfg.sft_model)
+        used = {k: getattr(trainer.args, k) for k in GRPO_SETTINGS}  # as the trainer holds them, after any patching
+        a = trainer.args
+        batch = {"generations": cfg.num_generations, "generation_batch_size": a.generation_batch_size,
+                 "steps_per_generation": a.steps_per_generation,
+                 "prompts_per_step": a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
+                 // cfg.num_generations}
+        sampling = {k: getattr(a, k) for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")}
+        return trainer, tokenizer, backend, {"prompts": n, **batch, "sampling": sampling, "grpo_settings": used,
+                                             "trl_passthrough": record(a, trainer._qmd_trl_applied)}
+
+    return train_stage("grpo", cfg, resume, build, ("reward", "reward_std", "kl"), "reward.png", cfg.sft_model,
+                       check=check)
 
 
 @command("grpo")

@@ -20,8 +20,12 @@ Hard failures score 0: empty output, a chat-template token inside the text (one 
 Then, on the one number used both as the RL reward and for the eval rating:
 
 - language: the score is multiplied by ``1 - 0.7 x`` the share of lines not written in the query's language or
-  script (``in_language``; identifiers, names, numbers and the query's own words do not count), so a Chinese query
-  expanded into English scores 0.30 at best;
+  script (``in_language``), so a Chinese query expanded into English scores 0.30 at best.  A line's language is
+  judged on the words that are not the query's own (nor identifiers, names, numbers, quotations).  For a query in a
+  Latin-script language (German, French, ...) a line in another Latin-script language (usually English) costs less
+  the more of the query's own words it carries (``CARRY_RELIEF``): QMD keeps it, and FTS5 still finds the query's
+  words with it; an English expansion whose every line carries every query word scores within 0.035 of a native
+  one, a translation that drops them loses as a foreign script does;
 - entity cap: at most 0.45 when no line at all keeps any named entity of the query (QMD loses it);
 - echo cap: at most 0.35 when most lines merely repeat the query.
 
@@ -140,6 +144,9 @@ _ALL_FUNCTION_WORDS = STOPWORDS | frozenset(_LATIN_VOTES) | frozenset(
     "и в во не на с со как что для по из к о об от до за у ли или это мой моя мои".split())
 LATIN_LANGS = frozenset(_FUNCTION_WORDS)  # the Latin-script languages told apart by function words
 LANGUAGE_WEIGHT = 0.7  # the score is multiplied by 1 - LANGUAGE_WEIGHT x (share of lines not in the query's language)
+# For a Latin-script query, a Latin-script line in another language counts 1 - CARRY_RELIEF x (share of the query's
+# content terms it carries) of a line: English lines that keep all of a German query's own words cost 0.05 of a line.
+CARRY_RELIEF = 0.95
 ISO_639_1 = frozenset(
     "aa ab ae af ak am an ar as av ay az ba be bg bi bm bn bo br bs ca ce ch co cr cs cu cv cy da de dv dz ee el en eo "
     "es et eu fa ff fi fj fo fr fy ga gd gl gn gu gv ha he hi ho hr ht hu hy hz ia id ie ig ii ik io is it iu ja jv ka "
@@ -248,9 +255,10 @@ def _line_in_language(text: str, toks: list[str], q: "QueryInfo") -> bool | None
             if sum(units.values()) > latin:
                 return False  # another script dominates
         if q.lang in LATIN_LANGS:
-            found = latin_language(toks)
-            if found and found != q.lang:  # confirm without quotations, names and the query's own words
-                found = latin_language(_vote_words(text, q.token_set))
+            own = q.token_set  # judged on the words the line adds: the query's own words say nothing of the line
+            found = latin_language([t for t in toks if t not in own])
+            if found and found != q.lang:  # confirm without quotations and names
+                found = latin_language(_vote_words(text, own))
             return (found == q.lang) if found else None
         return True
     if not q.script:
@@ -284,6 +292,23 @@ def _vote_words(text: str, own: frozenset[str]) -> list[str]:
                 continue
         out.append(low)
     return out
+
+
+def carried_share(toks: list[str], q: "QueryInfo") -> float:
+    """The share of the query's content terms a line carries: a token of the line starts with the term's stem (as
+    FTS5's prefix query of QMD's lex search would find it: ``volume`` carries ``volumes``, ``database`` does not carry
+    ``base``)."""
+    terms = q.terms
+    if not terms:
+        return 0.0
+    n = 0
+    for t in terms:
+        stem = _stem(t)
+        for w in toks:
+            if w.startswith(stem):
+                n += 1
+                break
+    return n / len(terms)
 
 
 def lines_in_language(verdicts: list[bool | None]) -> list[bool]:
@@ -697,12 +722,17 @@ def score_expansion(query: str, completion: str, lang: str | None = None) -> Sco
     lost_entities = not in_lex and not any(e in t for t in judged_toks for e in q.entities)
 
     # language: every judged line is compared with the query's language or script
+    cost = 0.0  # lines off the query's language, a Latin line weighed down by the query's words it carries
     if q.script == "latin" and q.lang not in LATIN_LANGS and (plain or not _OTHER_SCRIPT.search(completion[:20000])):
         in_lang = None  # nothing to compare: a Latin-script query without a told language, Latin-script lines
         off = 0
     else:
         in_lang = lines_in_language([_line_in_language(t[:2000], tk, q) for t, tk in zip(judged, judged_toks)])
         off = len(in_lang) - sum(in_lang)
+        for ok, t, tk in zip(in_lang, judged, judged_toks):
+            if not ok:
+                latin_line = q.script == "latin" and (t.isascii() or not _OTHER_SCRIPT.search(t[:2000]))
+                cost += 1 - CARRY_RELIEF * carried_share(tk, q) if latin_line else 1
 
     taken = dict.fromkeys(MAX_POINTS, 0.0)
     for name, points, _ in out:
@@ -711,9 +741,10 @@ def score_expansion(query: str, completion: str, lang: str | None = None) -> Sco
     score = min(1.0, total / TOTAL_POINTS)
     notes = []
     if off:
-        factor = 1 - LANGUAGE_WEIGHT * off / len(judged)
+        factor = 1 - LANGUAGE_WEIGHT * cost / len(judged)
+        light = f"; they carry the query's words, weighing {cost:.2f} line(s)" if cost < off - 1e-9 else ""
         notes.append(f"language: {off} of {len(judged)} line(s) not in the query's language "
-                     f"({q.lang or q.script}), score x{factor:.2f}")
+                     f"({q.lang or q.script}){light}, score x{factor:.2f}")
         score *= factor
     if lost_entities:
         notes.append(f"entity cap: no line keeps any of the query's entities {list(q.entities)}, "

@@ -112,8 +112,8 @@ def prepare_data(run: Path, cfg, chat_format) -> dict:
     from .data import prepare
 
     out = run / "data"
-    meta = prepare(out, cfg.data, cfg.seed, cfg.val_fraction, chat_format=chat_format) \
-        if dist.is_main_process() else None
+    meta = prepare(out, cfg.data, cfg.seed, cfg.val_fraction, chat_format=chat_format,
+                   datasets=getattr(cfg, "hf_datasets", None)) if dist.is_main_process() else None
     dist.barrier()
     if meta is None:
         meta = json.loads((out / "prepare.json").read_text())
@@ -244,21 +244,25 @@ def plot(history: list[dict], keys: tuple[str, ...], out: Path) -> None:
 
 
 def train_stage(stage: str, cfg, resume: bool, build, plot_keys: tuple[str, ...], plot_name: str,
-                base_name: str, evaluate: bool = False) -> Path:
+                base_name: str, evaluate: bool = False, check=None) -> Path:
     """The flow both trainers share: run folder, build, train (resumable, stoppable), metrics, plot, merged model.
 
-    ``build(cfg, run_path)`` returns ``(trainer, tokenizer, backend, extra metrics)``.
+    ``build(cfg, run_path)`` returns ``(trainer, tokenizer, backend, extra metrics)``; ``check(cfg)``, when given,
+    runs before the run folder is made (the TRL passthrough's checks).
     """
     from transformers import set_seed
 
     from .data import check_rows, data_hash
     from .model import resolve, weights_repo
 
-    check_rows(cfg.data, cfg.seed, cfg.val_fraction)  # bad data or a bad model path: one line, before any loading
+    datasets = getattr(cfg, "hf_datasets", None)
+    check_rows(cfg.data, cfg.seed, cfg.val_fraction, datasets)  # bad data or model path: one line, before any loading
     resolve(base_name, getattr(cfg, "gguf_file", None))
     dist.init(cfg.use_cpu)
+    if check is not None:
+        check(cfg)
     launch = dist.describe(cfg)
-    run_path = start(cfg, stage, resume, data_hash(cfg.data), launch)
+    run_path = start(cfg, stage, resume, data_hash(cfg.data, datasets), launch)
     set_seed(cfg.seed)  # the LoRA's initial weights too: the same on one process or many (DDP copies rank 0's)
     trainer, tokenizer, backend, extra = build(cfg, run_path)
     dist.check_backend(backend)

@@ -18,7 +18,10 @@ the model they started on; the old model is closed when its last request ends.
 
 Binds 127.0.0.1 by default.  Any other address needs a token (``--token`` or QMD_UNSLOTH_SERVE_TOKEN); requests from
 non-loopback clients must then send ``Authorization: Bearer TOKEN`` (an OpenAI client's api_key).  The token is never
-logged.
+logged.  A request that carries a proxy header (``Forwarded``, ``X-Forwarded-For``, ``X-Real-IP``) is not trusted as
+local even from a loopback address: a reverse proxy on the same host makes every remote client look like loopback.
+Admin calls need the token whenever one is configured, from any client; without a token they are open to unproxied
+loopback clients only.  A prompt longer than the context is refused with HTTP 400 and one line.
 """
 
 from __future__ import annotations
@@ -204,6 +207,19 @@ def is_loopback(host: str | None) -> bool:
     return ip.is_loopback
 
 
+# Headers a reverse proxy adds (RFC 7239 Forwarded, the de facto X-Forwarded-For, nginx's X-Real-IP): a request that
+# carries one came through a proxy, so its loopback address says nothing about where the client is.
+PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+
+
+def proxied_by(headers) -> str | None:
+    """The first proxy header a request carries (its name as sent on the wire, lowercased), or None."""
+    for name in PROXY_HEADERS:
+        if name in headers:
+            return name
+    return None
+
+
 def token_matches(header: str | None, token: str | None) -> bool:
     """Constant-time comparison of an ``Authorization: Bearer ...`` header with the server's token."""
     if not token or not header or not header.startswith("Bearer "):
@@ -243,11 +259,19 @@ def create_app(slot: ModelSlot, token: str | None = None, max_tokens: int = 600,
     @app.middleware("http")
     async def _guard(request: Request, call_next):
         host = request.client.host if request.client else None
-        if not is_loopback(host) and not token_matches(request.headers.get("authorization"), token):
-            what = "admin calls" if request.url.path.startswith("/admin/") else "requests"
-            return error(401, f"{what} from a non-loopback client need 'Authorization: Bearer <token>'",
-                         "authentication_error")
-        return await call_next(request)
+        proxy = proxied_by(request.headers)
+        local = is_loopback(host) and proxy is None
+        admin = request.url.path.startswith("/admin/")
+        if token_matches(request.headers.get("authorization"), token) or (local and not (admin and token)):
+            return await call_next(request)
+        what = "admin calls" if admin else "requests"
+        if not local:
+            who = f"through a proxy ({proxy} header)" if proxy else "from a non-loopback client"
+            need = "'Authorization: Bearer <token>'" if token else \
+                f"a token, and this server has none (start it with {TOKEN_ENV} set)"
+            return error(401, f"{what} {who} need {need}", "authentication_error")
+        return error(401, f"{what} need 'Authorization: Bearer <token>' (this server has a token)",
+                     "authentication_error")
 
     @app.get("/health")
     async def health():
@@ -310,7 +334,10 @@ def create_app(slot: ModelSlot, token: str | None = None, max_tokens: int = 600,
         def work(m: ServedModel):
             return m.generate(m.fmt.prompt(q), max_tokens, grammar=True, seed=seed, **SAMPLING)
 
-        m, out = await run_in_threadpool(slot.run, work)
+        try:
+            m, out = await run_in_threadpool(slot.run, work)
+        except PromptTooLong as e:
+            return error(400, f"q: the query is too long: {e}")
         score = score_expansion(q, out["text"])
         searches = [{"type": "lex", "query": q.strip()}, {"type": "vec", "query": q.strip()}] + [
             {"type": k, "query": t} for k, t in kept_lines(q, out["text"])]
@@ -427,9 +454,10 @@ def serve(cfg) -> None:
                     h.addFilter(redact)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
+        rule = ("required for admin calls and for non-loopback or proxied clients" if token
+                else "none (only unproxied loopback clients are served)")
         print(f"serve: http://{shown}:{port} {model.path} ({model.info['file_type']}, verified and loaded in "
-              f"{model.info['verify_seconds']} s); token {'required for non-loopback clients' if token else 'none'}",
-              flush=True)
+              f"{model.info['verify_seconds']} s); token {rule}", flush=True)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()

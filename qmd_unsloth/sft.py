@@ -39,24 +39,51 @@ def build_trainer(cfg: SFTConfig, run: Path):
 
     train, val, meta = prepare_datasets(cfg, model_chat_format(model, tokenizer), run)
 
-    from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
+    args, applied = trl_config(cfg, run, backend, has_val=val is not None, warn=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, processing_class=tokenizer)
+    meta = {**meta, "trl_applied": applied}
+    return trainer, tokenizer, backend, meta
+
+
+def trl_args(cfg: SFTConfig, run: Path, backend: str, has_val: bool) -> dict:
+    """Our arguments of TRL's SFTConfig (they win over the ``trl`` passthrough where both set one)."""
     from .runs import training_args
 
-    args = TRLSFTConfig(
+    return dict(
         **training_args(cfg, run, backend),
         max_length=cfg.max_seq_length,
         completion_only_loss=True,
         packing=cfg.packing,
         num_train_epochs=cfg.num_train_epochs,
         per_device_eval_batch_size=cfg.per_device_train_batch_size,
-        eval_strategy="steps" if val is not None else "no",
+        eval_strategy="steps" if has_val else "no",
         eval_steps=cfg.eval_steps,
         dataset_num_proc=None,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, processing_class=tokenizer)
-    return trainer, tokenizer, backend, meta
+
+
+def trl_config(cfg: SFTConfig, run: Path, backend: str, has_val: bool, warn: bool = True):
+    """(TRL's SFTConfig with the ``trl`` passthrough, the passthrough values applied)."""
+    from trl import SFTConfig as TRLSFTConfig
+
+    from .trl_passthrough import build
+
+    return build(TRLSFTConfig, trl_args(cfg, run, backend, has_val), cfg, warn)
+
+
+def check(cfg: SFTConfig) -> None:
+    """The ``trl`` passthrough checked against the TRL config class the trainer will use, before the run folder is
+    made and the model loads (a bad key is one line; an ignored one is warned about once, here)."""
+    if not cfg.trl:
+        return
+    from .model import choose_backend, import_unsloth
+
+    backend = choose_backend(cfg.backend, cfg.use_cpu)
+    if backend == "unsloth":
+        import_unsloth()  # before trl: on CUDA, Unsloth patches TRL's config classes
+    trl_config(cfg, Path(cfg.output_dir) / "sft" / ".check", backend, has_val=cfg.val_fraction > 0, warn=True)
 
 
 def run(cfg: SFTConfig, resume: bool = False) -> Path:
@@ -65,10 +92,14 @@ def run(cfg: SFTConfig, resume: bool = False) -> Path:
 
     def build(cfg, run_path):
         trainer, tokenizer, backend, meta = build_trainer(cfg, run_path)
-        return trainer, tokenizer, backend, {"train_rows": meta["train"], "val_rows": meta["val"],
-                                             "split_sha256": meta["split_sha256"][:16]}
+        from .trl_passthrough import record
 
-    return train_stage("sft", cfg, resume, build, ("loss", "eval_loss"), "loss.png", cfg.base_model, evaluate=True)
+        return trainer, tokenizer, backend, {"train_rows": meta["train"], "val_rows": meta["val"],
+                                             "split_sha256": meta["split_sha256"][:16],
+                                             "trl_passthrough": record(trainer.args, meta["trl_applied"])}
+
+    return train_stage("sft", cfg, resume, build, ("loss", "eval_loss"), "loss.png", cfg.base_model, evaluate=True,
+                       check=check)
 
 
 @command("sft")

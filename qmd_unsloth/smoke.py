@@ -69,9 +69,9 @@ def _run(argv: list[str] | None) -> int:
     from . import grpo
 
     grpo_cfg = C.load(C.GRPOConfig, None, sft_model=str(sft_merged), output_dir=work, run_name="grpo",
-                      max_steps=args.grpo_steps, per_device_train_batch_size=2, num_generations=2,
-                      max_completion_length=32, logging_steps=1, save_steps=args.grpo_steps, use_cpu=True,
-                      backend="hf")
+                      max_steps=args.grpo_steps, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                      num_generations=2, max_completion_length=32, logging_steps=1, save_steps=args.grpo_steps,
+                      use_cpu=True, backend="hf")
     grpo_merged = grpo.run(grpo_cfg)
     done()
 

@@ -78,6 +78,7 @@ def grpo_stage(work: Path, name: str, sft_model: Path, steps: int, lr: float | N
         cfg = C.load(C.GRPOConfig, None, sft_model=str(sft_model), output_dir=work, run_name=name,
                      max_steps=steps, learning_rate=lr, per_device_train_batch_size=8,
                      num_generations=4, gradient_accumulation_steps=1, max_completion_length=128, logging_steps=1,
+                     temperature=1.0, top_k=0, top_p=1.0,  # the sampling of the measured proof (defaults then)
                      save_steps=steps, max_seq_length=384, use_cpu=True, report_to=[], **extra)
         t0 = time.perf_counter()
         grpo.run(cfg)

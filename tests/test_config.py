@@ -10,8 +10,32 @@ def test_defaults_follow_the_recipe():
     assert sft.per_device_train_batch_size * sft.gradient_accumulation_steps == 16
     assert sft.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     grpo = load(GRPOConfig, REPO / "configs" / "grpo.yaml")
-    assert (grpo.lora_r, grpo.lora_alpha, grpo.beta, grpo.num_generations, grpo.max_steps) == (4, 8, 0.04, 4, 200)
+    assert (grpo.lora_r, grpo.lora_alpha, grpo.beta, grpo.num_generations, grpo.max_steps) == (4, 8, 0.04, 8, 200)
     assert grpo.target_modules == ["q_proj", "v_proj"] and grpo.learning_rate == 2e-5
+
+
+def _prompts_per_step(cfg, gpus=1):
+    # TRL 1.14: one generation batch of per_device x accumulation x processes completions per optimizer step
+    completions = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * gpus
+    assert completions % cfg.num_generations == 0
+    return completions // cfg.num_generations
+
+
+def test_grpo_defaults_learn_on_a_home_card_and_sample_as_qmd():
+    from qmd_unsloth.qmd_contract import SAMPLING
+
+    for cfg in (load(GRPOConfig), load(GRPOConfig, REPO / "configs" / "grpo.yaml")):
+        assert _prompts_per_step(cfg) == 4 and cfg.num_generations == 8  # several prompts, groups of 8
+        assert (cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p) == (
+            SAMPLING["temperature"], SAMPLING["top_k"], SAMPLING["top_p"], SAMPLING["min_p"])
+        assert cfg.repetition_penalty == SAMPLING["repeat_penalty"] == 1.0
+    # every GRPO preset keeps 4 prompts x 8 generations per step, on one card or two
+    presets = sorted((REPO / "configs" / "presets").glob("grpo-*.yaml"))
+    assert len(presets) == 7
+    for f in presets:
+        cfg = load(GRPOConfig, f)
+        assert _prompts_per_step(cfg, 2 if "-2x" in f.name else 1) == 4 and cfg.num_generations == 8, f.name
+        assert cfg.temperature == SAMPLING["temperature"], f.name
 
 
 def test_precedence_flags_over_env_over_yaml(tmp_path, monkeypatch):

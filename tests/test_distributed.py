@@ -131,7 +131,8 @@ def test_resume_a_two_process_run_with_accelerate_launch(two_process_sft, tiny_m
 def test_grpo_two_processes_under_accelerate_launch(tiny_model, data_file, tmp_path):
     r = launch("accelerate", "qmd_unsloth.grpo", "--sft-model", str(tiny_model), "--data", f'["{data_file}"]',
                "--output-dir", str(tmp_path), "--max-steps", "2", "--per-device-train-batch-size", "2",
-               "--num-generations", "2", "--max-completion-length", "8", "--save-steps", "2", "--backend", "hf",
+               "--gradient-accumulation-steps", "1", "--num-generations", "2", "--max-completion-length", "8",
+               "--save-steps", "2", "--backend", "hf",
                *TINY_ARGS)
     assert r.returncode == 0, r.stderr[-3000:]
     (run,) = runs_in(tmp_path / "grpo")
@@ -198,6 +199,7 @@ def test_unsloth_backend_runs_under_torchrun(tiny_model, data_file, tmp_path):
 
 
 def test_fsdp_with_the_unsloth_backend_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setattr(dist, "_on_cpu", False)  # an earlier in-process CPU run (dist.init) must not leak in here
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(dist.DistributedError, match="--backend hf"):

@@ -46,7 +46,9 @@ class Case:
 # Placeholders: {tmp} an empty folder of the row; {ro} a read-only tmpfs; {full} a 1 MiB tmpfs filled up before the
 # row; {tiny} the tiny model; {busy_port} a port this test holds open; {dead_url} an http URL nobody listens on;
 # {blocker} a PYTHONPATH folder that hides the packages named in QMD_TEST_BLOCK (see BLOCKER); {fx} shared bad files
-# made by `fixtures` below: afile, empty.jsonl, latin1.jsonl, badjson.jsonl, bad.yaml, list.yaml, junk.gguf (not a
+# made by `fixtures` below: afile, empty.jsonl, latin1.jsonl, badjson.jsonl, bad.yaml, list.yaml, trl.yaml (a bad TRL
+# passthrough value), trl5.yaml (a passthrough that is not a mapping), hfrows.jsonl (a dataset file with
+# columns q and output), junk.gguf (not a
 # GGUF), trunc.gguf (a GGUF cut short), noconfig/ (no config.json), badconfig/ (config.json not JSON), badadapter/
 # (adapter_config.json not JSON), beir/ and badbeir/ (collections), badexp.jsonl, hubrun/ (a run folder with a .gguf),
 # q.txt, noq.txt, q_latin1.txt.
@@ -66,6 +68,20 @@ CASES = [
     Case("data", "stats {fx}/badjson.jsonl", 1, "error: 2 problems in the data"),
     Case("data", "stats --json {ro}/s.json", 1, "{ro}/s.json: read-only file system", needs=("ro",)),
     Case("data", "prepare --val-fraction 2", 2, "--val-fraction must be in [0, 1)"),
+    # data from Hugging Face datasets (hub id, save_to_disk folder, parquet/JSONL files)
+    Case("data", "validate --dataset {fx}/nope.parquet", 1, "nope.parquet: no such file or folder"),
+    Case("data", "validate --dataset nobody/no-such-rows", 1,
+         "nobody/no-such-rows: dataset not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set",
+         env={"HF_HOME": "{tmp}/hf"}),
+    Case("data", "stats --dataset {fx}/hfrows.jsonl --column query=question", 1,
+         "hfrows.jsonl[train]: no column 'question' for query (columns: q, output)"),
+    Case("data", "prepare --dataset {fx}/hfrows.jsonl --column query=q --column lex=output --out {tmp}/o", 1,
+         "hfrows.jsonl[train]:1: lex: must be a string or a list of strings (column 'output')",
+         absent=("{tmp}/o/train.jsonl",)),
+    Case("data", "validate --dataset {fx}/hfrows.jsonl --column querry=q", 2, "--column: columns: unknown field"),
+    Case("sft", "--base-model {tiny} --output-dir {tmp} --data [] --hf-datasets "
+         '[{{"source":"{fx}/hfrows.jsonl","columns":{{"query":"q","lex":"output"}}}}]', 1,
+         "hfrows.jsonl[train]:1: lex: must be a string or a list of strings (column 'output')", absent=("{tmp}/sft",)),
     # reward
     Case("reward", "{fx}/nope.jsonl", 1, "nope.jsonl: cannot read: No such file or directory"),
     Case("reward", "{fx}/latin1.jsonl", 1, "latin1.jsonl: not UTF-8"),
@@ -90,6 +106,17 @@ CASES = [
          slow=True),
     Case("sft", "--base-model nobody/no-such-model --output-dir {tmp} --use-cpu", 1,
          "weights are not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set", slow=True),
+    # the TRL passthrough (trl:): a bad name or value names the key and its source, before any run folder is made
+    Case("sft", "--base-model {tiny} --output-dir {tmp} --use-cpu --trl max_grad_nrm=1", 2,
+         "command line: trl.max_grad_nrm: not a field of TRL", absent=("{tmp}/sft",)),
+    Case("sft", "--base-model {tiny} --output-dir {tmp} --use-cpu", 2,
+         "environment QMD_UNSLOTH_SFT_TRL: trl.max_grad_norm: Input should be a valid number",
+         env={"QMD_UNSLOTH_SFT_TRL": '{{"max_grad_norm": "abc"}}'}, absent=("{tmp}/sft",)),
+    Case("sft", "--base-model {tiny} --output-dir {tmp}", 2, "environment QMD_UNSLOTH_SFT_TRL: not valid JSON",
+         env={"QMD_UNSLOTH_SFT_TRL": "optim=adafactor"}),
+    Case("sft", "--config {fx}/trl5.yaml", 2, "trl5.yaml: trl: Input should be a valid dictionary"),
+    Case("grpo", "--config {fx}/trl.yaml --sft-model {tiny} --output-dir {tmp} --use-cpu", 2,
+         "trl.yaml: trl.optim: nope is not a valid OptimizerNames", absent=("{tmp}/grpo",)),
     # grpo
     Case("grpo", "--sft-model {tmp}/nope --output-dir {tmp}", 1, "nope: no such local model folder"),
     Case("grpo", "--num-generations 3", 2, "must be divisible by num_generations (3)"),
@@ -232,6 +259,11 @@ def fixtures(tmp_path_factory):
     (fx / "badjson.jsonl").write_text('{"query": "x", "output": [["lex", "y"]]\n[1, 2]\n')
     (fx / "bad.yaml").write_text("lora_r: [1, 2\n")
     (fx / "list.yaml").write_text("- a\n- b\n")
+    (fx / "trl.yaml").write_text("trl:\n  optim: nope\n")
+    (fx / "hfrows.jsonl").write_text(json.dumps({"q": "docker volumes", "output": [["lex", "docker volume backup"],
+                                                                                   ["vec", "how to back up volumes"]]})
+                                     + "\n")
+    (fx / "trl5.yaml").write_text("trl: 5\n")
     (fx / "junk.gguf").write_bytes(bytes(range(256)) * 8)
     # a GGUF cut short: the header says 1 tensor and 1 key, the key's name runs past the end of the file
     (fx / "trunc.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + struct.pack("<Q", 64) + b"general.")

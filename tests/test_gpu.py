@@ -119,6 +119,7 @@ def test_unsloth_4bit_sft_grpo_merge_gguf_and_llama_cpp(base_model, tmp_path):
     grpo_cfg = C.load(C.GRPOConfig, None, sft_model=str(merged), output_dir=tmp_path, run_name="grpo",
                       backend="unsloth" if CUDA else "hf", use_cpu=not CUDA, max_steps=4 if CUDA else 2,
                       per_device_train_batch_size=4 if CUDA else 2, num_generations=4 if CUDA else 2,
+                      gradient_accumulation_steps=1,
                       max_completion_length=64 if CUDA else 8, logging_steps=1, save_steps=4, report_to=[],
                       use_vllm="off")
     reset_peak()

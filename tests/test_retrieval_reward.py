@@ -90,8 +90,8 @@ def test_grpo_sums_the_rule_and_retrieval_rewards_with_the_configured_weights(ti
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# category: tiny\nk8s pod crashing over and over\nlisbon tram\n")
     cfg = C.load(C.GRPOConfig, None, sft_model=str(tiny_model), prompts=prompts, output_dir=tmp_path,
-                 run_name="g", max_steps=2, per_device_train_batch_size=2, num_generations=2,
-                 max_completion_length=16, logging_steps=1, save_steps=2, use_cpu=True, backend="hf", report_to=[],
+                 run_name="g", max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                 num_generations=2, max_completion_length=16, logging_steps=1, save_steps=2, use_cpu=True, backend="hf", report_to=[],
                  rules_weight=1.0, retrieval_weight=0.5, retrieval_collection=collection, retrieval_mode="bm25")
     funcs, weights = grpo.reward_functions(cfg)
     assert weights == [1.0, 0.5] and funcs[1].__name__ == "retrieval_bm25_ndcg10_gain"

@@ -105,9 +105,14 @@ def test_same_language_expansion_is_excellent_and_english_one_loses_clearly(lang
         assert detect_language(query) == ""
         return
     bad = score_expansion(query, english, tag)
-    assert bad.rating in ("Poor", "Failed") and bad.score < 0.31, bad.reasons
     assert bad.lines_in_language == 0 and bad.lang == lang
     assert any("not in the query's language" in r for r in bad.reasons)
+    if lang in ("de", "fr"):
+        # an English translation of a Latin-script query that drops the query's own words ("sichern", "sauvegarder",
+        # "base") loses by the share of them it drops (see test_english_lines_keeping_the_querys_words_...)
+        assert bad.score <= good.score - 0.25 and bad.rating != "Excellent", bad.reasons
+        return
+    assert bad.rating in ("Poor", "Failed") and bad.score < 0.31, bad.reasons
 
 
 def test_one_english_line_costs_part_of_the_score():
@@ -255,7 +260,10 @@ def test_qmd_drops_is_a_substring_test_and_drops_nothing_without_terms():
 def test_grpo_reward_takes_the_lang_column():
     query, _, english = CASES["de"]
     tagged, untagged = grpo_reward([english, english], query=[query, query], lang=["de", ""])
-    assert tagged < 0.31 < untagged
+    assert tagged < untagged - 0.25
+    query, _, english = CASES["zh"]
+    tagged, = grpo_reward([english], query=[query], lang=["zh"])
+    assert tagged < 0.31
 
 
 @pytest.mark.parametrize("query, lang, line", [
@@ -288,3 +296,96 @@ def test_german_capitalised_nouns_are_not_entities():
 def test_names_quotes_and_the_querys_words_do_not_make_an_english_line_foreign(query, line):
     s = score_expansion(query, line, "en")
     assert s.lines_in_language == s.lines_judged == 1, s.reasons
+
+
+# --- issue 23.6: Latin-script queries, English lines that carry the query's own words ----------------------------------
+
+# query, lang, a native expansion, an English expansion whose every line carries every content word of the query
+LATIN = {
+    "de": ("docker volumes sichern", "de",
+           "hyde: Ein Docker Volume sichert man, indem ein temporärer Container das Volume einbindet und ein "
+           "tar-Archiv schreibt.\n"
+           "lex: docker volume backup tar\nlex: docker volumes sichern host\nlex: docker volume wiederherstellen\n"
+           "vec: wie sichere ich ein docker volume auf den host\n"
+           "vec: docker volumes vor einem update sichern und wiederherstellen",
+           "hyde: To sichern Docker volumes, run a temporary container that mounts the volumes and writes a tar "
+           "archive.\n"
+           "lex: docker volumes sichern tar\nlex: docker volumes sichern host\nlex: docker volumes sichern restore\n"
+           "vec: how do I sichern docker volumes to the host\n"
+           "vec: sichern and restore docker volumes before an upgrade"),
+    "fr": ("sauvegarder base postgresql", "fr",
+           "hyde: pg_dump crée une sauvegarde cohérente d'une base PostgreSQL sans bloquer les écritures ; pg_restore "
+           "la recharge.\n"
+           "lex: postgresql pg_dump sauvegarde\nlex: sauvegarder postgresql serveur\nlex: postgresql pg_restore\n"
+           "vec: comment sauvegarder une base postgresql avec pg_dump\n"
+           "vec: restaurer une sauvegarde postgresql sur un autre serveur",
+           "hyde: pg_dump can sauvegarder a PostgreSQL base without blocking writes, and pg_restore loads it back.\n"
+           "lex: sauvegarder base postgresql pg_dump\nlex: sauvegarder base postgresql cron\n"
+           "lex: postgresql base sauvegarder restore\n"
+           "vec: how to sauvegarder a postgresql base with pg_dump\n"
+           "vec: restore a sauvegarder of a postgresql base on another server"),
+    "es": ("copia seguridad mysql", "es",
+           "hyde: mysqldump genera una copia de seguridad lógica de MySQL; con --single-transaction no bloquea las "
+           "tablas InnoDB.\n"
+           "lex: copia seguridad mysql mysqldump\nlex: mysql copia seguridad automática\nlex: mysql restaurar copia\n"
+           "vec: cómo hacer una copia de seguridad de mysql con mysqldump\n"
+           "vec: restaurar una copia de seguridad de mysql en otro servidor",
+           "hyde: mysqldump writes a logical copia seguridad of MySQL; with --single-transaction it does not lock the "
+           "InnoDB tables.\n"
+           "lex: copia seguridad mysql mysqldump\nlex: mysql copia seguridad cron\nlex: mysql copia seguridad restore\n"
+           "vec: how to make a mysql copia seguridad with mysqldump\n"
+           "vec: restore a mysql copia seguridad on another server"),
+    "pt": ("backup banco postgres", "pt",
+           "hyde: O pg_dump gera um backup consistente do banco Postgres sem bloquear as escritas; o pg_restore o "
+           "recarrega.\n"
+           "lex: backup banco postgres pg_dump\nlex: postgres backup automático\nlex: banco postgres restaurar\n"
+           "vec: como fazer backup do banco postgres com pg_dump\n"
+           "vec: restaurar o backup de um banco postgres em outro servidor",
+           "hyde: pg_dump makes a consistent backup of the Postgres banco without blocking writes, and pg_restore "
+           "loads it.\n"
+           "lex: backup banco postgres pg_dump\nlex: backup banco postgres cron\nlex: banco postgres backup restore\n"
+           "vec: how to backup a postgres banco with pg_dump\n"
+           "vec: restore a backup of the postgres banco on another server"),
+}
+MARGIN = 0.05  # an English expansion carrying the query's words scores within this of the native one
+
+
+@pytest.mark.parametrize("lang", sorted(LATIN))
+def test_english_lines_keeping_the_querys_words_score_almost_as_high_as_native(lang):
+    query, tag, native, english = LATIN[lang]
+    good = score_expansion(query, native, tag)
+    assert good.rating == "Excellent" and good.lines_in_language == good.lines_judged, good.reasons
+    en = score_expansion(query, english, tag)
+    assert en.lines_in_language < en.lines_judged  # still judged English ...
+    assert en.rating == "Excellent" and en.score >= good.score - MARGIN, (good.score, en.score, en.reasons)  # ... cheaply
+    assert any("they carry the query's words" in r for r in en.reasons), en.reasons
+    # the same English lines with the query's own words swapped for English ones lose clearly
+    terms = [t for t in analyse_query(query, tag).terms if t not in ("docker", "postgresql", "mysql", "postgres")]
+    translated = english
+    for t in terms:
+        translated = translated.replace(t, "data")
+    lost = score_expansion(query, translated, tag)
+    assert lost.score < en.score - 0.2, (en.score, lost.score, lost.reasons)
+
+
+def test_a_lines_language_is_judged_on_the_words_that_are_not_the_querys():
+    q = "wie sichere ich die docker volumes"  # German by its function words (wie, ich, die)
+    assert detect_language(q) == "de"
+    # all the query's words plus English ones: English, though the query's German words outvote them
+    en_line = "vec: wie sichere ich die docker volumes to the host"
+    de_line = "vec: wie sichere ich die docker volumes auf dem host"
+    lex = "lex: sichere docker volumes tar\n"
+    assert score_expansion(q, lex + de_line, "de").lines_in_language == 2
+    s = score_expansion(q, lex + en_line, "de")
+    assert s.lines_in_language == 0, s.reasons  # the keyword line follows the told line
+    # ... and it costs little: both lines carry the query's own words
+    assert s.score >= score_expansion(q, lex + de_line, "de").score - MARGIN, s.reasons
+
+
+@pytest.mark.parametrize("lang", ["zh", "ru"])
+def test_cjk_and_cyrillic_queries_expanded_into_english_are_penalised_as_before(lang):
+    query, native, english = CASES[lang]
+    # English lines carrying the query's Latin words (nginx) or nothing of it: no relief for another script
+    s = score_expansion(query, english, lang)
+    assert s.score < 0.31 and "carry the query's words" not in " ".join(s.reasons), s.reasons
+    assert score_expansion(query, native, lang).score >= 0.95

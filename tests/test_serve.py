@@ -217,17 +217,60 @@ def test_a_non_default_host_needs_a_token_which_never_reaches_the_logs(tiny_gguf
         body = {"path": str(tiny_gguf)}
         ok = s.post("/admin/reload-model", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
         assert ok.status_code == 200, ok.text
-        assert s.post("/admin/reload-model", json=body).status_code == 200  # loopback: no token needed
+        # with a token configured, admin needs it from every client, loopback included
+        refused = s.post("/admin/reload-model", json=body)
+        assert refused.status_code == 401 and "this server has a token" in refused.json()["error"]["message"]
+        assert s.get("/expand", params={"q": "nginx", "max_tokens": 4}).status_code == 200  # loopback: no token
+        # a request through a proxy on this host carries a proxy header: not local, so the token is needed
+        fwd = {"X-Forwarded-For": "203.0.113.7"}
+        assert s.get("/expand", params={"q": "nginx", "max_tokens": 4}, headers=fwd).status_code == 401
+        assert s.get("/expand", params={"q": "nginx", "max_tokens": 4},
+                     headers={**fwd, "Authorization": f"Bearer {TOKEN}"}).status_code == 200
         r = run_module("qmd_unsloth.serve", "reload", "--model", str(tiny_gguf), "--url", s.url,
                        env={"QMD_UNSLOTH_SERVE_TOKEN": TOKEN})
         assert r.returncode == 0, r.stderr
         # a token a client wrongly puts in a URL would reach uvicorn's access log: it is redacted there too
         assert s.get("/expand", params={"q": TOKEN, "max_tokens": 4}).status_code == 200
-        assert s.get("/health").json()["reloads"] == 3
+        assert s.get("/health", headers={"Authorization": f"Bearer {TOKEN}"}).json()["reloads"] == 2
     finally:
         logs = s.stop()
     assert "/admin/reload-model" in logs and "200" in logs  # the log is there, and it was captured
     assert TOKEN not in logs
+
+
+@pytest.mark.parametrize("header", [("X-Forwarded-For", "203.0.113.7"), ("Forwarded", "for=203.0.113.7;proto=https"),
+                                    ("X-Real-IP", "203.0.113.7"), ("x-forwarded-for", "127.0.0.1")])
+def test_a_proxied_request_is_not_trusted_as_local(server, tiny_gguf, header):
+    """A reverse proxy on the same host (nginx, Caddy, a tunnel) connects from 127.0.0.1 for every remote client and
+    adds one of these headers: the server (no token configured here) must refuse admin and generation alike, with
+    one line.  The headers are sent by the test client straight to the real server, as the proxy would send them."""
+    before = server.get("/health").json()
+    h = dict([header])
+    r = server.post("/admin/reload-model", json={"path": str(tiny_gguf)}, headers=h)
+    assert r.status_code == 401, r.text
+    msg = r.json()["error"]["message"]
+    assert msg == (f"admin calls through a proxy ({header[0].lower()} header) need a token, and this server has none "
+                   "(start it with QMD_UNSLOTH_SERVE_TOKEN set)") and "\n" not in msg
+    assert server.get("/expand", params={"q": "nginx", "max_tokens": 4}, headers=h).status_code == 401
+    r = server.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+                    headers=h)
+    assert r.status_code == 401
+    after = server.get("/health").json()  # unproxied loopback: served; nothing was reloaded
+    assert after["reloads"] == before["reloads"] and after["requests_served"] == before["requests_served"]
+
+
+def test_an_over_long_prompt_is_a_400_with_one_line(server):
+    long_query = " ".join(f"term{i} words" for i in range(1500))  # several thousand tokens: more than 2048
+    r = server.get("/expand", params={"q": long_query, "max_tokens": 8})
+    assert r.status_code == 400, r.text
+    msg = r.json()["error"]["message"]
+    assert msg.startswith("q: the query is too long: the prompt is ") and "the context holds" in msg
+    assert "\n" not in msg
+    r = server.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": long_query}],
+                                                  "max_tokens": 8})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"].startswith("messages: the prompt is ")
+    assert server.get("/expand", params={"q": "nginx", "max_tokens": 4}).status_code == 200  # still serving
 
 
 def test_the_guard_with_a_non_loopback_client_address_in_process(tiny_gguf):
@@ -250,7 +293,9 @@ def test_the_guard_with_a_non_loopback_client_address_in_process(tiny_gguf):
         assert asyncio.run(call("192.0.2.10", TOKEN, {"Authorization": "Bearer x" + TOKEN})).status_code == 401
         # past the guard, the reload itself refuses the missing file
         assert asyncio.run(call("192.0.2.10", TOKEN, {"Authorization": f"Bearer {TOKEN}"})).status_code == 422
-        assert asyncio.run(call("127.0.0.1", None, {})).status_code == 422
+        assert asyncio.run(call("127.0.0.1", None, {})).status_code == 422  # no token configured: loopback may
+        assert asyncio.run(call("127.0.0.1", TOKEN, {})).status_code == 401  # a token configured: admin needs it
+        assert asyncio.run(call("127.0.0.1", None, {"X-Real-IP": "192.0.2.10"})).status_code == 401  # proxied
     finally:
         slot.current.close()
 

@@ -129,10 +129,16 @@ def test_grpo_rewards_with_the_query_column_and_writes_a_merged_model(tiny_model
     from qmd_unsloth import grpo
 
     cfg = C.load(C.GRPOConfig, None, sft_model=str(tiny_model), data=[data_file], output_dir=tmp_path, run_name="g",
-                 max_steps=2, per_device_train_batch_size=2, num_generations=2, max_completion_length=16,
-                 logging_steps=1, save_steps=2, use_cpu=True, backend="hf", report_to=[])
+                 max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2, num_generations=2,
+                 max_completion_length=16, logging_steps=1, save_steps=2, use_cpu=True, backend="hf", report_to=[])
     merged = grpo.run(cfg)
     metrics = json.loads((merged.parent / "metrics.json").read_text())
+    # 2 completions x 2 accumulation / 2 generations = 2 distinct prompts per optimizer step, sampled as QMD samples
+    assert (metrics["generation_batch_size"], metrics["steps_per_generation"], metrics["prompts_per_step"]) == (4, 2, 2)
+    from qmd_unsloth.qmd_contract import SAMPLING
+
+    assert metrics["sampling"] == {"temperature": SAMPLING["temperature"], "top_k": SAMPLING["top_k"],
+                                   "top_p": SAMPLING["top_p"], "min_p": None, "repetition_penalty": 1.0}
     logged = [h for h in metrics["log_history"] if "reward" in h]
     assert logged and "rewards/qmd_expansion_reward/mean" in logged[0]
     assert "kl" in logged[0]  # beta > 0: the KL term is computed against the adapter-disabled model
@@ -172,3 +178,44 @@ def test_unsloth_backend_sft_through_its_cpu_fallback(tiny_model, data_file, tmp
     assert json.loads((run / "versions.json").read_text())["weights"]["loaded"] == str(tiny_model)
     model, tok = load(str(run / "merged"))  # save_pretrained_merged wrote a loadable 16-bit model
     assert len(expand(model, tok, ["docker volumes"], max_new_tokens=4)) == 1
+
+
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("unsloth") is None,
+                    reason="unsloth not installed (.ci/run installs it with --no-deps for its CPU backend)")
+def test_unsloth_backend_loss_is_on_the_answer_only(tiny_model, data_file, tmp_path):
+    """As test_loss_is_on_the_answer_only, through the Unsloth backend (qmd_unsloth.model.load_for_training ->
+    FastLanguageModel, Unsloth's CPU SFTTrainer and its label building) on Unsloth's CPU backend.  In a subprocess:
+    importing unsloth patches transformers and trl for the whole process."""
+    code = f"""
+import json, sys
+from pathlib import Path
+from qmd_unsloth import config as C
+from qmd_unsloth.sft import build_trainer
+cfg = C.load(C.SFTConfig, None, base_model={str(tiny_model)!r}, data=[{str(data_file)!r}], output_dir={str(tmp_path)!r},
+             run_name="u", max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+             max_seq_length=256, backend="unsloth", report_to=[], val_fraction=0.2)
+run = Path({str(tmp_path)!r}) / "run"
+trainer, tok, backend, _ = build_trainer(cfg, run)
+rows = [json.loads(l) for l in (run / "data" / "train.jsonl").read_text().splitlines()]
+batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+out = {{"backend": backend, "model": type(trainer.model).__name__, "rows": []}}
+for i in range(2):
+    labels = batch["labels"][i]
+    mask = batch["attention_mask"][i] == 1
+    out["rows"].append({{"learned": tok.decode(labels[labels != -100].tolist(), skip_special_tokens=False),
+                        "full": tok.decode(batch["input_ids"][i][mask].tolist(), skip_special_tokens=False),
+                        "prompt": rows[i]["prompt"], "completion": rows[i]["completion"],
+                        "masked": int((labels[mask] == -100).sum()),
+                        "prompt_tokens": len(tok(rows[i]["prompt"], add_special_tokens=False)["input_ids"])}})
+print("RESULT=" + json.dumps(out))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(next(l for l in r.stdout.splitlines() if l.startswith("RESULT="))[len("RESULT="):])
+    assert out["backend"] == "unsloth"
+    for row in out["rows"]:
+        assert row["learned"] == row["completion"]  # the target and <|im_end|>, nothing of the prompt
+        assert row["learned"].startswith(("hyde: ", "lex: ")) and row["learned"].endswith("<|im_end|>")
+        assert row["full"] == row["prompt"] + row["completion"]
+        assert row["masked"] == row["prompt_tokens"] > 0  # every prompt token, and only those, carries no loss
