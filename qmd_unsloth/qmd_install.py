@@ -335,7 +335,7 @@ def check_model(model: Path, verify: bool = True, tokenizer: Path | None = None)
         hint = (" (pass --tokenizer DIR: the model folder it was exported from, or keep its export.json beside it)"
                 if "renders a different prompt" in str(e) and tokenizer is None and template is None else "")
         raise InstallError(f"{e}{hint}") from None
-    except (ValueError, IndexError, KeyError, OSError) as e:  # gguf-py on a damaged file (the --no-verify path)
+    except (ValueError, IndexError, KeyError) as e:  # gguf-py on a damaged file (the --no-verify path)
         raise InstallError(f"{model}: the GGUF header cannot be read, the file is truncated or corrupt "
                            f"({type(e).__name__})") from None
 
