@@ -9,7 +9,9 @@ backend) makes the GGUF with Unsloth's ``save_pretrained_gguf``; ``--backend lla
 and quantizer directly.  Either way nothing is downloaded or installed: the pinned tools folder (``python -m
 qmd_unsloth.llamacpp prepare``) is used, and Unsloth is pointed at it before it is imported.  Every file is
 written under a temporary name, verified (file type, tensor types, EOS, chat template, a short llama.cpp
-generation), and only then renamed into place.
+generation), and only then renamed into place.  llama.cpp runs only in child processes (converter, quantizer, the
+check), so an abort inside it is one line and leaves no temporary folder.  A tokenizer.json that transformers built
+from a byte-level-BPE GGUF (SmolLM2's) is exported repaired (docs/export.md).
 """
 
 from __future__ import annotations
@@ -78,6 +80,32 @@ def merge_adapter(adapter: Path, out: Path) -> Path:
     return out
 
 
+def repaired_view(src: Path, view: Path) -> tuple[Path, bool]:
+    """(``src``, False), or a view of ``src`` (links to its files) with a repaired tokenizer.json and True, for a model
+    saved with a byte-level BPE that transformers' GGUF loader marked byte_fallback (llama.cpp's converter would write
+    it as a SentencePiece vocabulary and llama.cpp would abort in ``llama_vocab::byte_to_token``; see
+    qmd_unsloth.llamacpp.byte_level_bpe_repair).  Models trained since qmd_unsloth repairs the tokenizer on load are
+    saved right; this keeps the ones trained before exportable, without copying their weights."""
+    from .llamacpp import byte_level_bpe_repair
+
+    try:
+        state = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return src, False  # no tokenizer.json, or one the converter reports on itself
+    fixed = byte_level_bpe_repair(state)
+    if fixed is None:
+        return src, False
+    view.mkdir()
+    for f in src.iterdir():
+        if f.name != "tokenizer.json":
+            (view / f.name).symlink_to(f.resolve())
+    (view / "tokenizer.json").write_text(json.dumps(fixed, ensure_ascii=False), encoding="utf-8")
+    print(f"export: {src / 'tokenizer.json'}: byte-level BPE marked byte_fallback (made by transformers' GGUF loader, "
+          "which llama.cpp would misread as SentencePiece): exported with that flag off and the byte-level decoder "
+          "(same token ids)")
+    return view, True
+
+
 def verify(path: Path, quant: str, tools: Path, chat_format) -> dict:
     """Checks an exported GGUF with the shared checks (qmd_unsloth.gguf_check) against the ``prompt.ChatFormat`` the
     model was trained with; raises ExportError with the first failed check."""
@@ -129,13 +157,17 @@ def export(cfg: ExportConfig) -> dict:
         tmp = Path(tmp)
         if kind == "adapter":
             src = merge_adapter(src, tmp / "merged")
+        src, report["tokenizer_repaired"] = repaired_view(src, tmp / "source")
         from .prompt import UnsupportedChatTemplate, format_of_tokenizer
 
+        tokenizer = load_tokenizer(str(src))
         try:
-            trained_format = format_of_tokenizer(load_tokenizer(str(src)))
+            trained_format = format_of_tokenizer(tokenizer)
         except UnsupportedChatTemplate as e:
             raise ExportError(f"{src}: {e}") from None
         report["backend"] = backend
+        # what the GGUF was checked against: QMD's wrapper for the trained model (qmd_install reads it)
+        report["chat_format"] = vars(trained_format).copy()
         for quant in quants:
             t0 = time.perf_counter()
             staged = tmp / f"{name}-{quant}.gguf"

@@ -6,10 +6,18 @@ node-llama-cpp will wrap the chat the way the model was trained (the chat wrappe
 and architecture, and the BOS it writes: ``prompt.chat_format``), loads the file in llama.cpp and runs a capped greedy
 generation of QMD's prompt under QMD's grammar that the reward must parse; it returns the loaded ``llama_cpp.Llama``
 and the facts.  Any failed check raises ``GGUFCheckError`` with one line naming the file and the reason.
+
+llama.cpp runs in a child process first (``python -m qmd_unsloth.gguf_check --child``): a C++ abort inside llama.cpp
+(a vocabulary that lacks a token it looks up ends in ``std::out_of_range`` and SIGABRT, a GGML_ASSERT on a damaged
+tensor) kills that child, not the caller, and becomes one line naming the signal, the C++ message and the step.
+``verify_gguf`` only runs the child; ``load_checked`` (serve) then loads the checked file in its own process.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -55,7 +63,8 @@ def read_gguf(path: Path, tools: Path | None = None) -> dict:
     bos = get("tokenizer.ggml.bos_token_id")
     n_params = sum(int(t.n_elements) for t in reader.tensors)
     size = Path(path).stat().st_size
-    return {"file_type": FILE_TYPE_NAMES.get(get("general.file_type"), str(get("general.file_type"))),
+    ftype = get("general.file_type")
+    return {"file_type": "unspecified" if ftype is None else FILE_TYPE_NAMES.get(ftype, f"unknown ({ftype})"),
             "architecture": get("general.architecture"),
             "tensor_types": dict(Counter(t.tensor_type.name for t in reader.tensors)),
             "eos_token": tokens[eos] if eos is not None and eos < len(tokens) else None,
@@ -66,10 +75,10 @@ def read_gguf(path: Path, tools: Path | None = None) -> dict:
 
 
 def check_header(path: Path, quant: str | None = None, expected=None, tools: Path | None = None) -> dict:
-    """The checks that need no model load: a GGUF file, its file type (``quant`` when given, else a known one), EOS,
-    and an embedded chat template that node-llama-cpp (inside QMD) maps to a wrapper we mirror; when ``expected`` (the
-    ``prompt.ChatFormat`` the model was trained with) is given, the same wrapper and BOS, so QMD's prompt is the
-    training prompt.  Adds ``chat_format`` (the ChatFormat) to the facts."""
+    """The checks that need no model load: a GGUF file, its file type (``quant`` when given; otherwise any: whether
+    llama.cpp loads it is checked by loading it), EOS, and an embedded chat template that node-llama-cpp (inside QMD)
+    maps to a wrapper we mirror; when ``expected`` (the ``prompt.ChatFormat`` the model was trained with) is given,
+    the same wrapper and BOS, so QMD's prompt is the training prompt.  Adds ``chat_format`` (the ChatFormat)."""
     from .prompt import UnsupportedChatTemplate, chat_format
 
     path = Path(path)
@@ -89,8 +98,6 @@ def check_header(path: Path, quant: str | None = None, expected=None, tools: Pat
                              f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
     if quant is not None and info["file_type"] != quant.upper():
         raise GGUFCheckError(f"{name}: file type is {info['file_type']}, expected {quant.upper()}")
-    if quant is None and info["file_type"] not in FILE_TYPE_NAMES.values():
-        raise GGUFCheckError(f"{name}: unknown file type {info['file_type']}")
     if info["eos_token"] != EOS:
         raise GGUFCheckError(f"{name}: EOS token is {info['eos_token']!r}, expected {EOS!r}")
     if not info["chat_template"]:
@@ -108,11 +115,15 @@ def check_header(path: Path, quant: str | None = None, expected=None, tools: Pat
 
 
 def load_checked(path: Path, quant: str | None = None, expected=None, tools: Path | None = None,
-                 n_ctx: int = QMD_CONTEXT, seed: int = 0, smoke_tokens: int = 32, require_parse: bool = True):
+                 n_ctx: int = QMD_CONTEXT, seed: int = 0, smoke_tokens: int = 32, require_parse: bool = True,
+                 isolate: bool = True):
     """(llama_cpp.Llama, facts) for a GGUF that passed every check; the caller closes the model.
 
     ``require_parse=False`` (export) only records whether the smoke generation parses: an undertrained model may
-    write a degenerate line, which says nothing about the file; serving insists on it."""
+    write a degenerate line, which says nothing about the file; serving insists on it.  ``isolate`` runs every check
+    in a child process first, so that a llama.cpp abort on a bad file cannot take the caller down."""
+    if isolate:
+        check_in_child(path, quant, expected, tools, n_ctx, seed, smoke_tokens, require_parse)
     from llama_cpp import Llama, LlamaGrammar
 
     from .llamacpp import generate_capped
@@ -123,6 +134,7 @@ def load_checked(path: Path, quant: str | None = None, expected=None, tools: Pat
     info = check_header(path, quant, expected, tools)
     ctx = min(n_ctx, int(info["context_length"] or n_ctx))
     t0 = time.perf_counter()
+    _step("loading it")
     try:
         llm = Llama(model_path=str(path), n_ctx=ctx, verbose=False, seed=seed)
     except ValueError as e:
@@ -131,6 +143,7 @@ def load_checked(path: Path, quant: str | None = None, expected=None, tools: Pat
     try:
         grammar = LlamaGrammar.from_string(GRAMMAR, verbose=False)
         t0 = time.perf_counter()
+        _step("tokenizing the smoke prompt and generating under QMD's grammar")
         text, n, _ = generate_capped(llm, info["chat_format"].prompt(SMOKE_QUERY), smoke_tokens, grammar=grammar,
                                      temp=0.0)
         failure = score_expansion(SMOKE_QUERY, text).hard_failure
@@ -147,9 +160,85 @@ def load_checked(path: Path, quant: str | None = None, expected=None, tools: Pat
 
 
 def verify_gguf(path: Path, quant: str | None = None, expected=None, tools: Path | None = None,
-                require_parse: bool = True) -> dict:
-    """Every check of ``load_checked``; the model is closed again.  Returns the facts (``chat_format`` as a dict)."""
-    llm, info = load_checked(path, quant, expected, tools, n_ctx=1024, require_parse=require_parse)
+                require_parse: bool = True, isolate: bool = True) -> dict:
+    """Every check of ``load_checked`` (in a child process unless ``isolate=False``); returns the facts
+    (``chat_format`` as a dict)."""
+    if isolate:
+        return check_in_child(path, quant, expected, tools, 1024, 0, 32, require_parse)
+    llm, info = load_checked(path, quant, expected, tools, n_ctx=1024, require_parse=require_parse, isolate=False)
     llm.close()
     info["chat_format"] = vars(info["chat_format"]).copy()
     return info
+
+
+# ------------------------------------------------------------------------------------------ the child process
+
+_STEP = "QMD_UNSLOTH_GGUF_STEP"  # the child's stderr marks each llama.cpp step with this prefix
+
+
+def _step(what: str) -> None:
+    if os.environ.get(_STEP):
+        print(f"{_STEP}: {what}", file=sys.stderr, flush=True)
+
+
+def check_in_child(path: Path, quant: str | None = None, expected=None, tools: Path | None = None,
+                   n_ctx: int = 512, seed: int = 0, smoke_tokens: int = 32, require_parse: bool = True,
+                   timeout: float = 1800) -> dict:
+    """``load_checked`` in a child process: its facts, its GGUFCheckError, or one line for a child that died (the
+    signal, llama.cpp's C++ message and the step it was in)."""
+    from .llamacpp import CHILD_ENV, aborted
+
+    path = Path(path)
+    check_header(path, quant, expected, tools)  # the cheap checks here, with their own messages
+    job = {"path": str(path), "quant": quant, "expected": vars(expected) if expected is not None else None,
+           "tools": str(tools) if tools else None,
+           "n_ctx": n_ctx, "seed": seed, "smoke_tokens": smoke_tokens, "require_parse": require_parse}
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, **CHILD_ENV, _STEP: "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    try:
+        r = subprocess.run([sys.executable, "-m", "qmd_unsloth.gguf_check", "--child"], input=json.dumps(job),
+                           capture_output=True, text=True, errors="replace", env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise GGUFCheckError(f"{path}: llama.cpp did not finish loading it and a {smoke_tokens}-token generation "
+                             f"within {timeout:g} s") from None
+    steps = [l.split(": ", 1)[1] for l in r.stderr.splitlines() if l.startswith(f"{_STEP}: ")]
+    step = steps[-1] if steps else "starting"
+    died = aborted(r.returncode, r.stderr)
+    if died:
+        hint = ("; its vocabulary lacks a token llama.cpp needs (see docs/export.md)"
+                if "out_of_range" in died and step.startswith("tokeniz") else "")
+        raise GGUFCheckError(f"{path}: llama.cpp aborted while {step} ({died[:200]}){hint}")
+    out = [l for l in r.stdout.splitlines() if l.startswith("{")]
+    if r.returncode != 0 or not out:
+        tail = [l.strip() for l in r.stderr.splitlines() if l.strip() and not l.startswith(_STEP)][-1:] or ["no output"]
+        raise GGUFCheckError(f"{path}: the llama.cpp check exited with status {r.returncode} while {step}: "
+                             f"{tail[0][:200]}")
+    result = json.loads(out[-1])
+    if "error" in result:
+        raise GGUFCheckError(result["error"])
+    return result["info"]
+
+
+def _child() -> int:
+    job = json.loads(sys.stdin.read())
+    try:
+        from .prompt import ChatFormat
+
+        expected = ChatFormat(**job["expected"]) if job["expected"] else None
+        llm, info = load_checked(Path(job["path"]), job["quant"], expected, job["tools"] and Path(job["tools"]),
+                                 n_ctx=job["n_ctx"], seed=job["seed"], smoke_tokens=job["smoke_tokens"],
+                                 require_parse=job["require_parse"], isolate=False)
+        llm.close()
+    except GGUFCheckError as e:
+        print(json.dumps({"error": str(e)}))
+        return 0
+    info["chat_format"] = vars(info["chat_format"]).copy()
+    print(json.dumps({"info": info}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--child"]:
+        raise SystemExit(_child())
+    raise SystemExit("usage: python -m qmd_unsloth.gguf_check --child  (a JSON job on stdin; used by check_in_child)")

@@ -39,7 +39,16 @@ def default_dir() -> Path:
 DEFAULT_DIR = default_dir()
 PREPARE_HINT = "python -m qmd_unsloth.llamacpp prepare"
 QUANT_TYPES = {"q4_k_m": 15, "q8_0": 7, "q5_k_m": 17, "q6_k": 18, "f16": 1}
-FILE_TYPE_NAMES = {0: "F32", 1: "F16", 7: "Q8_0", 15: "Q4_K_M", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
+# Every file type llama.cpp writes (gguf-py's LlamaFileType, MOSTLY_/ALL_ dropped): a GGUF's general.file_type.  We
+# export the QUANT_TYPES above; any of these is accepted from elsewhere when llama.cpp loads the file (QMD loads what
+# node-llama-cpp's llama.cpp loads: the smollm2 package ships a Q4_1, for example).
+FILE_TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+                   11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M",
+                   18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S",
+                   25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M",
+                   32: "BF16", 36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4_MOE", 39: "NVFP4", 40: "Q1_0", 41: "Q2_0"}
+# For llama.cpp children: ggml's abort handler otherwise attaches gdb and prints a C++ backtrace before dying.
+CHILD_ENV = {"GGML_NO_BACKTRACE": "1"}
 
 QUANTIZE_SCRIPT = '''#!{python}
 """llama-quantize for qmd_unsloth: INPUT OUTPUT TYPE [NTHREADS] through llama-cpp-python's llama_model_quantize."""
@@ -96,14 +105,73 @@ class ToolFailed(UserError, RuntimeError):
     """llama.cpp's converter or quantizer refused the model (one line: its last message)."""
 
 
-def _tool_failed(what: str, stderr: str, outfile: Path) -> Exception:
-    """A full disk named as such (not the converter's last progress line), else the tool's last message."""
+def aborted(returncode: int, stderr: str) -> str | None:
+    """How a llama.cpp child died, in words (``SIGABRT: std::out_of_range: unordered_map::at``), or None when it exited
+    normally.  A C++ exception nobody catches inside llama.cpp (a vocabulary that lacks a token it looks up, for one)
+    ends the process with SIGABRT after ``terminate called after throwing an instance of 'T'`` / ``what(): ...``; a
+    GGML_ASSERT prints ``GGML_ASSERT(...) failed`` first."""
+    import signal
+
+    if returncode >= 0 and returncode != 134:  # 134: a shell's report of SIGABRT
+        return None
+    try:
+        name = signal.Signals(-returncode if returncode < 0 else 6).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    lines = [l.strip() for l in (stderr or "").splitlines() if l.strip()]
+    thrown = next((l.split("instance of", 1)[1].strip(" '") for l in reversed(lines)
+                   if l.startswith("terminate called after throwing an instance of")), None)
+    what = next((l.split("what():", 1)[1].strip() for l in reversed(lines) if l.startswith("what():")), None)
+    asserted = next((l[:200] for l in reversed(lines) if "GGML_ASSERT" in l or "GGML_ABORT" in l), None)
+    detail = f"{thrown}: {what}" if thrown and what else thrown or what or asserted
+    return f"{name}: {detail}" if detail else name
+
+
+def _tool_failed(what: str, stderr: str, outfile: Path, returncode: int = 1) -> Exception:
+    """A full disk named as such (not the converter's last progress line), an abort by its signal and C++ message,
+    else the tool's last message."""
     if any(w in stderr.lower() for w in ("no space left on device", "enospc", "disk quota exceeded")):
         # staged in a temporary folder of the output folder: name the output folder the user chose
         where = outfile.parent.parent / outfile.name if is_temporary(outfile.parent) else outfile
         return OSError(errno.ENOSPC, "No space left on device", str(where))
+    died = aborted(returncode, stderr)
+    if died:
+        return ToolFailed(f"{what}: llama.cpp aborted ({died[:300]})")
     tail = [l for l in stderr.strip().splitlines() if l.strip()][-1:] or ["no output"]
     return ToolFailed(f"{what} failed: {tail[0].strip()[:300]}")
+
+
+def _has_byte_level(part) -> bool:
+    if not isinstance(part, dict):
+        return False
+    return part.get("type") == "ByteLevel" or any(_has_byte_level(p) for p in
+                                                  part.get("pretokenizers", []) + part.get("decoders", []))
+
+
+def byte_level_bpe_repair(state: dict) -> dict | None:
+    """A repaired copy of a ``tokenizer.json`` (as a dict) that transformers built from a GGUF, or None when it needs
+    no repair.
+
+    transformers picks its GGUF tokenizer converter by ARCHITECTURE: a ``llama`` GGUF whose tokenizer is GPT-2-style
+    byte-level BPE (``tokenizer.ggml.model = gpt2``: SmolLM2, Llama 3) goes through its Llama-2 converter, which
+    marks the BPE ``byte_fallback`` and gives it Llama 2's decoder (ByteFallback, Fuse, Replace, ByteLevel).  It
+    tokenizes correctly in transformers (every byte already has a byte-level token, so the fallback never fires), but
+    llama.cpp's converter reads "BPE + byte_fallback + Sequence decoder" as a SentencePiece Llama vocabulary
+    (``LlamaHfVocab``: tokenizer model ``llama``, no merges) and llama.cpp then looks up ``<0xNN>`` byte tokens that a
+    byte-level vocabulary does not have: ``llama_vocab::byte_to_token`` throws ``std::out_of_range`` and the process
+    aborts on the first text with a character outside the vocabulary.  The repair turns the fallback off and restores
+    the byte-level decoder (GPT-2's); vocabulary, merges, pre-tokenizer and added tokens are kept, so token ids do not
+    change.  A vocabulary that really has ``<0x00>``..``<0xFF>`` byte tokens is left alone."""
+    model = state.get("model") or {}
+    if model.get("type") != "BPE" or not model.get("byte_fallback") or not _has_byte_level(state.get("pre_tokenizer")):
+        return None
+    vocab = model.get("vocab") or {}
+    if any(f"<0x{i:02X}>" in vocab for i in range(256)):
+        return None
+    fixed = json.loads(json.dumps(state))
+    fixed["model"]["byte_fallback"] = False
+    fixed["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    return fixed
 
 
 def check(tools: str | os.PathLike | None = None) -> Path:
@@ -180,9 +248,9 @@ def convert(tools: Path, model_dir: Path, outfile: Path, outtype: str = "f16") -
     does (the qwen2 fallback lives in the folder's ``conversion/base.py``)."""
     cmd = [sys.executable, str(Path(tools) / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(outfile),
            "--outtype", outtype]
-    r = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+    r = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env={**os.environ, **CHILD_ENV})
     if r.returncode != 0:
-        raise _tool_failed(f"convert_hf_to_gguf.py on {model_dir}", r.stderr, outfile)
+        raise _tool_failed(f"convert_hf_to_gguf.py on {model_dir}", r.stderr, outfile, r.returncode)
 
 
 def _qwen2_split_regex() -> str:
@@ -196,9 +264,9 @@ def quantize(tools: Path, src: Path, dst: Path, quant: str) -> None:
         raise ToolFailed(f"quant: unknown type {quant!r} (one of {', '.join(QUANT_TYPES)})")
     # through this interpreter (the script's shebang names the python that prepared the folder, for Unsloth)
     r = subprocess.run([sys.executable, str(tools / "llama-quantize"), str(src), str(dst), quant],
-                       capture_output=True, text=True, errors="replace")
+                       capture_output=True, text=True, errors="replace", env={**os.environ, **CHILD_ENV})
     if r.returncode != 0 or not dst.is_file():
-        raise _tool_failed(f"llama-quantize {quant}", r.stderr + r.stdout, dst)
+        raise _tool_failed(f"llama-quantize {quant}", r.stderr + r.stdout, dst, r.returncode)
 
 
 def generate_capped(llm, prompt: str, max_tokens: int, **sampling) -> tuple[str, int, bool]:

@@ -183,10 +183,32 @@ def load_tokenizer(name: str, gguf_file: str | None = None):
         if not gguf:
             raise
         raise _bad_gguf(name, e) from e
+    if gguf:
+        _repair_byte_level_bpe(tok)
     _chatml_end_of_turn(tok)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _repair_byte_level_bpe(tok) -> bool:
+    """A byte-level BPE that transformers' GGUF loader marked byte_fallback (qmd_unsloth.llamacpp.byte_level_bpe_repair
+    says why): repaired in place, so that the merged model's saved tokenizer.json converts back to a working llama.cpp
+    vocabulary.  Token ids are unchanged (training sees the same tokens)."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    from .llamacpp import byte_level_bpe_repair
+
+    backend = getattr(tok, "_tokenizer", None)
+    if backend is None or not hasattr(backend, "to_str"):
+        return False
+    fixed = byte_level_bpe_repair(json.loads(backend.to_str()))
+    if fixed is None:
+        return False
+    tok._tokenizer = Tokenizer.from_str(json.dumps(fixed))
+    return True
 
 
 def _chatml_end_of_turn(tok) -> None:

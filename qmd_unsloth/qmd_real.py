@@ -99,10 +99,13 @@ class QMD:
     def run(self, args: list[str], home: Path, cwd: Path | None = None, threads: int | None = None,
             capture: Path | None = None, timeout: float = 900, check: bool = True, extra_env: dict | None = None,
             input: str | None = None) -> subprocess.CompletedProcess:
-        """``qmd ARGS`` as a user runs it, isolated under ``home``; raises QMDFailed on a non-zero exit (``check``)."""
+        """``qmd ARGS`` as a user runs it, isolated under ``home``; raises QMDFailed on a non-zero exit (``check``).
+        ``PWD`` is set to the working directory, as a shell does: QMD takes its working directory from ``$PWD``
+        (store.js getPwd) for ``qmd init`` and relative collection paths."""
+        where = Path(cwd or home).resolve()
         r = subprocess.run(self._node([str(self.cli), *args]), capture_output=True, text=True, errors="replace",
-                           env=self.env(home, threads, capture, extra_env), cwd=cwd or home, timeout=timeout,
-                           input=input)
+                           env={**self.env(home, threads, capture, extra_env), "PWD": str(where)}, cwd=where,
+                           timeout=timeout, input=input)
         if check and r.returncode != 0:
             raise QMDFailed(f"qmd {' '.join(args)} exited with status {r.returncode}: {_last_line(r.stderr or r.stdout)}")
         return r

@@ -199,6 +199,13 @@ CASES = [
     Case("qmd_install", "--model {fx}/junk.gguf --models-dir {tmp}/m --index {tmp}/none.yml", 1,
          "none.yml: no such file"),
     Case("qmd_install", "--rollback --models-dir {tmp}/m --index {tmp}/none.yml", 1, "no install to roll back"),
+    Case("qmd_install", "--model {fx}/junk.gguf --models-dir {tmp}/m", 1, "junk.gguf: not a GGUF file",
+         env={"QMD_CONFIG_DIR": "{tmp}/c"}, absent=("{tmp}/c/index.yml", "{tmp}/m")),
+    Case("qmd_install", "--model {fx}/junk.gguf --models-dir {tmp}/m --project {tmp}", 1,
+         "no .qmd/index.yaml or .qmd/index.yml here or above; create the project index first with: cd"),
+    Case("qmd_install", "--model {fx}/junk.gguf --models-dir {tmp}/cache/qmd/models", 1,
+         "inside QMD's model cache", env={"XDG_CACHE_HOME": "{tmp}/cache", "QMD_CONFIG_DIR": "{tmp}/c"}),
+    Case("qmd_install", "--check --index {fx}/bad.yaml", 1, "bad.yaml: not valid YAML"),
     # smoke
     Case("smoke", "--workdir {fx}/afile/w", 1, "afile/w: a part of the path is a file"),
     Case("smoke", "--workdir {ro}/w", 1, "{ro}/w: read-only file system", needs=("ro",)),

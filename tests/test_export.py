@@ -121,3 +121,78 @@ def test_an_adapter_is_merged_onto_its_base_and_exported(tiny_model, tmp_path):
     report = json.loads((tmp_path / "o" / "export.json").read_text())
     assert report["source_kind"] == "adapter"
     assert report["files"]["qmd-query-expansion-q4_k_m.gguf"]["file_type"] == "Q4_K_M"
+
+
+def _tiny_llama(dst, tiny_model, pre_tokenizer=None):
+    """A tiny Llama-architecture model (random weights) with the tiny tokenizer saved the way transformers saves a
+    tokenizer it built from a byte-level-BPE ``llama`` GGUF such as SmolLM2's: ``byte_fallback`` on and Llama 2's
+    decoder (docs/export.md).  ``pre_tokenizer`` replaces its ByteLevel pre-tokenizer (a vocabulary that looks like
+    SentencePiece but has no ``<0xNN>`` byte tokens)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                 max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=1,
+                                 eos_token_id=2, pad_token_id=0)).save_pretrained(dst)
+    for f in ("tokenizer_config.json", "chat_template.jinja"):
+        if (tiny_model / f).exists():
+            shutil.copy(tiny_model / f, dst / f)
+    state = json.loads((tiny_model / "tokenizer.json").read_text())
+    state["model"]["byte_fallback"] = True
+    state["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True}]}
+    if pre_tokenizer:
+        state["pre_tokenizer"] = pre_tokenizer
+    (dst / "tokenizer.json").write_text(json.dumps(state))
+    return dst
+
+
+def test_a_byte_level_bpe_marked_byte_fallback_is_repaired_and_exports(tiny_model, tmp_path):
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    from qmd_unsloth.prompt import render_prompt
+
+    src = _tiny_llama(tmp_path / "llama", tiny_model)
+    before = (src / "tokenizer.json").read_bytes()
+    r = run_module("qmd_unsloth.export", "--model", str(src), "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "byte-level BPE marked byte_fallback" in r.stdout
+    assert (src / "tokenizer.json").read_bytes() == before  # the model folder is not touched
+    report = json.loads((tmp_path / "o" / "export.json").read_text())
+    assert report["tokenizer_repaired"] is True
+    gguf = tmp_path / "o" / "qmd-query-expansion-q4_k_m.gguf"
+    assert report["files"][gguf.name]["pre_tokenizer"] == "qwen2"  # byte-level BPE, not SentencePiece
+    prompt = render_prompt("docker volumes 2024 café")
+    llm = Llama(model_path=str(gguf), n_ctx=256, verbose=False, vocab_only=True)
+    hf = AutoTokenizer.from_pretrained(src)
+    assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == hf(prompt, add_special_tokens=False)["input_ids"]
+    llm.close()
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["Modelfile", "export.json", gguf.name]
+
+
+def test_a_llama_cpp_abort_on_a_broken_vocabulary_is_one_line_and_leaves_nothing(tiny_model, tmp_path):
+    src = _tiny_llama(tmp_path / "llama", tiny_model,
+                      {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False})
+    r = run_module("qmd_unsloth.export", "--model", str(src), "--out", str(tmp_path / "o"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "#0 " not in r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith("error: qmd-query-expansion-q4_k_m.gguf: llama.cpp aborted while tokenizing")
+    assert "SIGABRT: std::out_of_range: unordered_map::at" in lines[0]
+    assert list((tmp_path / "o").iterdir()) == []  # no temporary folder, nothing under a final name
+
+
+def test_aborted_names_the_signal_and_the_cpp_message():
+    from qmd_unsloth.llamacpp import aborted
+
+    stderr = ("llama_model_loader: ...\nterminate called after throwing an instance of 'std::out_of_range'\n"
+              "  what():  unordered_map::at\n")
+    assert aborted(-6, stderr) == "SIGABRT: std::out_of_range: unordered_map::at"
+    assert aborted(134, stderr) == "SIGABRT: std::out_of_range: unordered_map::at"
+    assert aborted(-11, "") == "SIGSEGV"
+    assert aborted(-6, "/src/ggml.c:123: GGML_ASSERT(ne % 32 == 0) failed\n").endswith("GGML_ASSERT(ne % 32 == 0) failed")
+    assert aborted(1, stderr) is None and aborted(0, "") is None

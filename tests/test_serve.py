@@ -319,7 +319,8 @@ def test_non_loopback_host_without_a_token_and_a_port_in_use_are_one_line_errors
 
 
 def test_export_reloads_the_server_and_installs_into_qmd(server, tiny_model, tmp_path):
-    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "QMD_CONFIG_DIR": str(tmp_path / "qmdconf")}
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "QMD_CONFIG_DIR": str(tmp_path / "qmdconf"),
+           "XDG_DATA_HOME": str(tmp_path / "data")}
     (tmp_path / "qmdconf").mkdir()
     (tmp_path / "qmdconf" / "index.yml").write_text("# mine\ncollections: {}\n")
     r = run_module("qmd_unsloth.export", "--model", str(tiny_model), "--out", str(tmp_path / "gguf"),
@@ -327,7 +328,7 @@ def test_export_reloads_the_server_and_installs_into_qmd(server, tiny_model, tmp
     assert r.returncode == 0, r.stderr[-2000:]
     new = (tmp_path / "gguf" / "qmd-query-expansion-q4_k_m.gguf").resolve()
     assert f"now serves {new}" in r.stdout and server.get("/health").json()["model"] == str(new)
-    placed = list((tmp_path / "cache" / "qmd" / "models").glob("qmd-query-expansion-q4_k_m-*.gguf"))
+    placed = list((tmp_path / "data" / "qmd_unsloth" / "models").glob("qmd-query-expansion-q4_k_m-*.gguf"))
     assert len(placed) == 1 and placed[0].read_bytes() == new.read_bytes()
     index = (tmp_path / "qmdconf" / "index.yml").read_text()
     assert index.startswith("# mine\n") and f"generate: {json.dumps(str(placed[0]))}" in index

@@ -56,6 +56,7 @@ async function patch(nlc) {
     const record = {
       prompt,
       chat_wrapper: this.chatWrapper?.wrapperName ?? null,
+      model_path: model._modelPath ?? null,  // the GGUF file node-llama-cpp loaded (an internal field of LlamaModel)
       context: model.detokenize(context.slice(0, promptLength), true),
       context_ids: context.slice(0, promptLength),
       context_tokens: promptLength,
