@@ -99,6 +99,9 @@ def load_expansions(path: Path) -> dict[str, str]:
 
 
 def retrieval(args) -> dict:
+    for name, default in (("engine", "python"), ("reranker", None), ("qmd_threads", 1)):  # callers' older Namespaces
+        if not hasattr(args, name):
+            setattr(args, name, default)
     col = load_collection(args.collection, args.qrels)
     queries = dict(col.queries)
     if args.queries:

@@ -385,8 +385,8 @@ def indexed(path: str) -> bool:
 
 
 def extract_title(content: str, path: str) -> str:
-    """extractTitle: a .md file's first '# '/'## ' heading ('Notes'/'📝 Notes' defer to the first '## '), else the file
-    name without its extension."""
+    """extractTitle: a .md file's first '# '/'## ' heading ('Notes'/'📝 Notes' defer to the first '## '), else the
+    file name without its extension."""
     name = path.rsplit("/", 1)[-1]
     ext = name[name.rfind("."):].lower() if "." in name else name.lower()
     if ext == ".md":

@@ -294,17 +294,19 @@ def test_lex_goes_to_fts_and_vec_hyde_to_vectors(qmd_index, ret, monkeypatch):
     q = "dashboard design"
     original = C.search_plan
     check_plan(qmd_index, ret, monkeypatch, q,
-               "lex: dashboard navigation\nvec: who designs the dashboard\nhyde: The dashboard design is owned by Ana.\n",
+               "lex: dashboard navigation\nvec: who designs the dashboard\n"
+               "hyde: The dashboard design is owned by Ana.\n",
                {"routing": ("search_plan", lambda query, searches, vectors=True:
                             original(query, [("vec", t) for _, t in searches], vectors)
                             + [("fts", k, t) for k, t in searches if k != "lex"])})
 
 
-# ------------------------------------------------------------------------------------------------------------ end to end
+# -------------------------------------------------------------------------------------------------------- end to end
 QUERIES = {  # query -> scripted model response (None: no expansion asked, the raw query alone)
     "music evening lisbon": "lex: lisbon trams\nvec: where to hear music in lisbon\n"
                             "hyde: An evening of fado music in a small Lisbon tavern.\n",
-    "replication": "lex: postgres replication\nlex: replication lag\nvec: what happens when postgres replication lags\n",
+    "replication": "lex: postgres replication\nlex: replication lag\n"
+                   "vec: what happens when postgres replication lags\n",
     "zephyrometer calibration": "lex: zephyrometer gusts\nvec: calibration of the wind gauge\n",  # strong signal
     "who approved the budget": "lex: budget approved\nvec: who signed off the Q2 budget\n"
                                "hyde: Maria Silva approved the Q2 budget for the billing team.\n",
@@ -341,3 +343,50 @@ def test_chunking_equals_qmds_chunk_document(qmd_index):
         assert r.returncode == 0, r.stderr[-2000:]
         theirs = json.loads(r.stdout)
         assert [[list(c) for c in C.chunk_document(t, max_chars, overlap, window)] for t in texts] == theirs
+
+
+# ------------------------------------------------------------------------------------------------------------ bench
+NOTES = REPO / "tests" / "fixtures" / "vault"
+NOTES_QRELS = REPO / "tests" / "fixtures" / "vault_qrels.jsonl"
+
+
+def test_bench_engine_qmd_scores_the_real_qmd_beside_the_mirror(qmd_index, tmp_path):
+    from tests.conftest import run_module
+
+    exp = tmp_path / "exp.jsonl"
+    exp.write_text("".join(json.dumps({"id": q, "completion": c}) + "\n" for q, c in (
+        ("billing database decision", "lex: billing database\nvec: which database did we choose for billing\n"),
+        ("replication lag rollback", "lex: replication lag\nhyde: Switch DNS back if replication lag is too high.\n"),
+        ("who approved the q2 budget", "lex: q2 budget\nvec: who approved the budget\n"))))
+    args = ["qmd_unsloth.bench", "retrieval", "--collection", str(NOTES), "--qrels", str(NOTES_QRELS),
+            "--expansions", str(exp)]
+    r = run_module(*args, "--engine", "qmd", "--out", str(tmp_path / "qmd"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "qmd" / "retrieval.json").read_text())
+    assert res["engine"] == "qmd" and set(res["metrics"]) == {"hybrid", "hybrid+expansions"}
+    assert res["top10_agreement"] == {"hybrid": 1.0, "hybrid+expansions": 1.0}  # six notes, no near ties
+    assert res["metrics"] == res["python_metrics"]
+    searched = [json.loads(l) for l in (tmp_path / "qmd" / "qmd_searches.jsonl").read_text().splitlines()]
+    assert {"id": "billing database decision", "query": "billing database decision",
+            "searches": [["lex", "billing database"], ["vec", "which database did we choose for billing"]]} in searched
+    # the Python engine on the same expansions gives the same figures
+    r = run_module(*args, "--out", str(tmp_path / "py"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    py = json.loads((tmp_path / "py" / "retrieval.json").read_text())["metrics"]
+    assert {k: py[k] for k in res["metrics"]} == res["metrics"]
+    assert "| hybrid+expansions |" in r.stdout
+
+
+def test_bench_engine_qmd_lets_qmd_expand_with_the_model(qmd_index, tiny_gguf, tmp_path):
+    from tests.conftest import run_module
+
+    r = run_module("qmd_unsloth.bench", "retrieval", "--engine", "qmd", "--collection", str(NOTES), "--qrels",
+                   str(NOTES_QRELS), "--model", str(tiny_gguf), "--limit", "2", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "retrieval.json").read_text())
+    assert res["queries"] == 2 and set(res["python_metrics"]) == {"hybrid", "hybrid+expansions"}
+    searched = [json.loads(l) for l in (tmp_path / "qmd_searches.jsonl").read_text().splitlines()]
+    assert len(searched) == 2  # what QMD searched for each query (random weights: often its fallback)
+    r = run_module("qmd_unsloth.bench", "retrieval", "--engine", "qmd", "--collection", str(NOTES), "--qrels",
+                   str(NOTES_QRELS), "--model", str(tmp_path / "missing.gguf"), "--out", str(tmp_path))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "model file not found" in r.stderr
