@@ -8,7 +8,6 @@ import pytest
 from qmd_unsloth.retrieval import load_collection, rrf
 from tests.conftest import REPO, run_module
 
-pytest.importorskip("bm25s")
 pytest.importorskip("sentence_transformers")
 CRANFIELD = REPO.parent / "shared" / "ir" / "cranfield"
 
@@ -109,3 +108,22 @@ def test_a_notes_folder_is_a_collection_judged_by_qrels(tmp_path):
     assert f"error: {bad}: judged document 'Nowhere.md' is not a note of {VAULT}" in r.stderr
     r = run_module("qmd_unsloth.bench", "retrieval", "--collection", str(VAULT))
     assert r.returncode == 1 and "a notes folder needs --qrels FILE" in r.stderr
+
+
+def test_an_optional_reranker_is_blended_by_rrf_position_as_qmd_does(tmp_path):
+    from qmd_unsloth import qmd_contract as C
+    from qmd_unsloth.retrieval import Retriever
+
+    col = load_collection(make_collection(tmp_path / "c"))
+    seen = []
+
+    def scorer(query, texts):  # stands in for a cross-encoder: scores in [0, 1]
+        seen.extend(texts)
+        return [1.0 if "CrashLoopBackOff" in t else 0.0 for t in texts]
+
+    ret = Retriever(col, dense=False, reranker=scorer)
+    plain = ret.rank("kubelet restart", rerank=False).ids
+    assert len(plain) == 2  # d1 and d6 hold both words
+    got = ret.rank("kubelet restart").fused
+    assert got == C.rerank_blend(plain, scorer("kubelet restart", [col.docs[d] for d in plain]))
+    assert seen[0] == col.docs[plain[0]]  # short notes: the best chunk is the whole note

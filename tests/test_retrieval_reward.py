@@ -9,7 +9,6 @@ from qmd_unsloth.retrieval import load_collection
 from tests.conftest import run_module
 from tests.test_bench import make_collection
 
-pytest.importorskip("bm25s")
 pytest.importorskip("sentence_transformers")
 
 GOOD = {  # query text -> an expansion that names the judged documents' own words
