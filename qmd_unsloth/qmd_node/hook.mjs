@@ -8,7 +8,11 @@
 //    one expansion many times slower.  Threads change speed, not the tokens sampled.
 //  * when QMD_UNSLOTH_MAX_TOKENS=N is set, caps generation at N tokens: for capturing the context alone (the prompt
 //    is built before the first token), never for measuring an expansion.
-import { appendFileSync } from "node:fs";
+//  * when QMD_UNSLOTH_SCRIPT=FILE is set (tests and `bench retrieval --engine qmd` only), answers QMD's expansion
+//    prompt for a query found in FILE (a JSON object {query: response text}) with that text instead of sampling the
+//    model: everything QMD does with a response (parsing, drop rule, fallback, caching, search) then runs for real
+//    on a known response.  Queries not in FILE go to the model as usual.  See installScript below.
+import { appendFileSync, readFileSync } from "node:fs";
 import { pathToFileURL } from "node:url";
 import { join } from "node:path";
 
@@ -29,6 +33,8 @@ async function patch(nlc) {
       };
     }
   }
+
+  if (process.env.QMD_UNSLOTH_SCRIPT) installScript(nlc, process.env.QMD_UNSLOTH_SCRIPT);
 
   const captureFile = process.env.QMD_UNSLOTH_CAPTURE;
   globalThis.__qmdUnslothCaptures = [];
@@ -69,5 +75,21 @@ async function patch(nlc) {
     globalThis.__qmdUnslothCaptures.push(record);
     if (captureFile) appendFileSync(captureFile, JSON.stringify(record) + "\n");
     return meta;
+  };
+}
+
+// Scripted expansion responses (QMD_UNSLOTH_SCRIPT): QMD's LlamaCpp.expandQuery prompts
+// `/no_think Expand this search query: ${query}`; for a query in the script the session answers with the scripted
+// text (stop reason "scripted") without evaluating the model.  The model is still loaded and its context created, as
+// QMD does before prompting.
+function installScript(nlc, file) {
+  const script = JSON.parse(readFileSync(file, "utf-8"));
+  const prefix = "/no_think Expand this search query: ";
+  const real = nlc.LlamaChatSession.prototype.promptWithMeta;
+  nlc.LlamaChatSession.prototype.promptWithMeta = async function (prompt, options = {}) {
+    const query = typeof prompt === "string" && prompt.startsWith(prefix) ? prompt.slice(prefix.length) : null;
+    if (query === null || !Object.hasOwn(script, query)) return real.call(this, prompt, options);
+    const text = script[query];
+    return { response: [text], responseText: text, stopReason: "scripted" };
   };
 }
