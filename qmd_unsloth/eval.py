@@ -184,7 +184,7 @@ def generations(model: str, queries: list[tuple[str, str]], cfg: EvalConfig) -> 
 def evaluate(model: str, queries: list[tuple[str, str]], cfg: EvalConfig) -> dict:
     from statistics import median
 
-    from .qmd_contract import fallback, kept
+    from .qmd_contract import expanded_searches, fallback, kept
     from .reward import RATINGS, score_expansion
 
     kind, gens = generations(model, queries, cfg)
@@ -195,10 +195,12 @@ def evaluate(model: str, queries: list[tuple[str, str]], cfg: EvalConfig) -> dic
         lang = query_language(cat, q)
         s = score_expansion(q, g["completion"], lang)
         lines = kept(q, g["completion"])
+        searches = expanded_searches(q, g["completion"])
         row = {"query": q, "category": cat, "lang": lang, "sample": i, "completion": g["completion"],
                "score": round(s.score, 4), "rating": s.rating, "hard_failure": s.hard_failure, "reasons": s.reasons,
                "lines": s.lines_judged, "lines_in_language": s.lines_in_language, "seconds": g["seconds"],
-               "tokens": g["tokens"], "stopped": g["stopped"], "kept_lines": len(lines), "fallback": not lines}
+               "tokens": g["tokens"], "stopped": g["stopped"], "kept_lines": len(lines), "searches": len(searches),
+               "fallback": not lines}
         if "qmd_kept" in g:  # the real QMD's own kept lines: our mirror of its drop rule must agree
             row["stop_reason"] = g["stop_reason"]
             row["qmd_searches"] = g["qmd_kept"]
@@ -227,6 +229,7 @@ def evaluate(model: str, queries: list[tuple[str, str]], cfg: EvalConfig) -> dic
         "tokens_per_query": round(sum(tokens) / n, 1),
         "tokens_median": median(tokens), "tokens_max": max(tokens),
         "kept_lines_per_query": round(sum(r["kept_lines"] for r in rows) / n, 2),
+        "searches_per_query": round(sum(r["searches"] for r in rows) / n, 2),
         "fallback_share": round(sum(1 for r in rows if r["fallback"]) / n, 4),
         "categories": {c: round(sum(v) / len(v), 4) for c, v in sorted(by_cat.items())},
         "languages": {lang: language_figures(v) for lang, v in sorted(by_lang.items(), key=lambda kv: (-len(kv[1]), kv[0]))},
@@ -262,6 +265,7 @@ def markdown(reports: list[dict]) -> str:
     row("tokens / expansion (mean, median, max)",
         lambda r: f"{r['tokens_per_query']:.1f}, {r['tokens_median']:g}, {r['tokens_max']}")
     row("lines QMD keeps / expansion", lambda r: f"{r['kept_lines_per_query']:.2f}")
+    row("expansion searches QMD runs / query", lambda r: f"{r['searches_per_query']:.2f}")
     row("QMD falls back to the raw query", lambda r: f"{r['fallback_share']:.1%}")
     row("seconds / query", lambda r: f"{r['seconds_per_query']:.3f}")
     for cat in reports[0]["categories"]:

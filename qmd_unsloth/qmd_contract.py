@@ -108,8 +108,8 @@ def llama_cpp_sampling() -> dict:
 # exactly lex/vec/hyde, the text is trimmed; a line is DROPPED unless its lowercased text contains one of the
 # query's terms as a substring (the query lowercased, every character but [a-z0-9] and JavaScript's \s made a space,
 # split on \s; no terms, as in a pure CJK or Cyrillic query: nothing is dropped).  No cap on the number of lines and
-# no de-duplication.  No line left: the fallback below.  (A line equal to the query is kept by expandQuery; the
-# retriever then searches it again as its own list.)
+# no de-duplication.  No line left: the fallback below.  (store.expandQuery then removes every line equal to the
+# query, the fallback's lex/vec copies included: ``expanded_searches`` in the next section.)
 _JS_SPACE = "\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
 _NON_TERM = re.compile(f"[^a-z0-9{_JS_SPACE}]")
 _SPLIT = re.compile(f"[{_JS_SPACE}]+")

@@ -6,6 +6,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Installs (qmd_install) must never touch the developer's own ~/.local/share or ~/.config/qmd: folders per session.
+if "QMD_UNSLOTH_TEST_HOME" not in os.environ:
+    import tempfile as _tempfile
+
+    os.environ["QMD_UNSLOTH_TEST_HOME"] = _home = _tempfile.mkdtemp(prefix="qmd-unsloth-test-")
+    os.environ["XDG_DATA_HOME"], os.environ["XDG_CONFIG_HOME"] = f"{_home}/data", f"{_home}/config"
 
 REPO = Path(__file__).resolve().parent.parent
 
