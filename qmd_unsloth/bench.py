@@ -60,7 +60,7 @@ def measure(col: Collection, runs: dict[str, dict[str, list[int]]]) -> dict[str,
 
 
 def expansions_from_model(model: str, queries: dict[str, str], out: Path,
-                          max_new_tokens: int = 160) -> dict[str, str]:
+                          max_new_tokens: int = C.MAX_TOKENS) -> dict[str, str]:
     """Expansions (the model's text) for every query (greedy), kept in ``out/expansions.jsonl`` for --expansions
     next time."""
     from .config import EvalConfig, load
@@ -72,7 +72,7 @@ def expansions_from_model(model: str, queries: dict[str, str], out: Path,
     from tqdm import tqdm
 
     for qid, text in tqdm(queries.items(), desc="expanding", unit="query"):
-        completion, _ = gen(text)
+        completion = gen(text)["completion"]
         result[qid] = completion
         lines.append(json.dumps({"id": qid, "query": text, "completion": completion}) + "\n")
     atomic_write_text(out / "expansions.jsonl", "".join(lines))

@@ -449,7 +449,7 @@ def make_expander(spec: str, args) -> Callable[[str], list[tuple[str, str]]]:
     from .eval import GGUFGenerator
 
     gen = GGUFGenerator(path, load(EvalConfig, None, seed=args.seed, max_new_tokens=args.max_new_tokens))
-    return lambda query: parse_completion(gen(query)[0])
+    return lambda query: parse_completion(gen(query)["completion"])
 
 
 # ------------------------------------------------------------------------------------------------------------ extract

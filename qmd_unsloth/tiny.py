@@ -19,7 +19,7 @@ from .atomic import atomic_folder, atomic_write_text
 from .data import DEFAULT_DATA_DIR, data_files
 from .prompt import qwen3_chat_template
 
-TINY_VERSION = 3  # bump when the recipe or its corpus (data/*.jsonl) changes: cached copies are rebuilt
+TINY_VERSION = 4  # bump when the recipe or its corpus (data/*.jsonl) changes: cached copies are rebuilt
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 # Qwen2/Qwen3's pre-tokenizer split, so llama.cpp's converter can treat the tokenizer as "qwen2".
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -68,7 +68,8 @@ def _corpus(data_paths) -> list[str]:
     """Text to train the BPE on: the shipped queries and answers and the prompt wording."""
     from .qmd_contract import DEFAULT_SYSTEM_PROMPT, USER_TEMPLATE
 
-    texts = [DEFAULT_SYSTEM_PROMPT, USER_TEMPLATE.format(query=""), "lex: vec: hyde:"]
+    # QMD's fixed prompt text many times over, so the BPE learns merges for it (a short prompt in tokens)
+    texts = [DEFAULT_SYSTEM_PROMPT, USER_TEMPLATE.format(query=""), "lex: vec: hyde:"] * 200
     for path in data_files(data_paths):
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:

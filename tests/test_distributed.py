@@ -20,7 +20,7 @@ from qmd_unsloth import dist
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
-TINY_ARGS = ["--max-seq-length", "128", "--logging-steps", "1", "--use-cpu", "--report-to", "[]"]
+TINY_ARGS = ["--max-seq-length", "256", "--logging-steps", "1", "--use-cpu", "--report-to", "[]"]
 
 
 def launch(launcher: str, module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -179,7 +179,7 @@ def test_sft_trains_on_a_dataset_and_records_it(tiny_model, sources, tmp_path):
     r = run_module("qmd_unsloth.sft", "--base-model", str(tiny_model), "--data", "[]", "--hf-datasets",
                    json.dumps([spec]), "--output-dir", str(tmp_path), "--run-name", "h", "--max-steps", "2",
                    "--per-device-train-batch-size", "1", "--gradient-accumulation-steps", "1", "--logging-steps", "1",
-                   "--save-steps", "2", "--max-seq-length", "128", "--val-fraction", "0", "--use-cpu", "--backend",
+                   "--save-steps", "2", "--max-seq-length", "256", "--val-fraction", "0", "--use-cpu", "--backend",
                    "hf", "--report-to", "[]")
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "sft" / "h"

@@ -97,7 +97,7 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tiny_model, data_file, tmp_pa
     args = [sys.executable, "-m", "qmd_unsloth.sft", "--base-model", str(tiny_model), "--data", f'["{data_file}"]',
             "--output-dir", str(tmp_path), "--run-name", "r", "--max-steps", "500", "--save-steps", "1000",
             "--logging-steps", "1", "--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "1",
-            "--max-seq-length", "128", "--use-cpu", "--report-to", "[]"]
+            "--max-seq-length", "256", "--use-cpu", "--report-to", "[]"]
     proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120

@@ -92,7 +92,7 @@ def test_sft_run_passes_the_values_to_the_trainer_and_our_keys_win(tiny_model, d
     r = run_module("qmd_unsloth.sft", "--base-model", str(tiny_model), "--data", f'["{data_file}"]', "--output-dir",
                    str(tmp_path), "--run-name", "p", "--max-steps", "2", "--per-device-train-batch-size", "2",
                    "--gradient-accumulation-steps", "1", "--logging-steps", "1", "--save-steps", "2",
-                   "--max-seq-length", "128", "--val-fraction", "0", "--use-cpu", "--backend", "hf",
+                   "--max-seq-length", "256", "--val-fraction", "0", "--use-cpu", "--backend", "hf",
                    "--report-to", "[]", "--trl", "max_grad_norm=0.25,optim=adafactor,neftune_noise_alpha=5",
                    "--trl", "learning_rate=1e-3")
     assert r.returncode == 0, r.stderr[-3000:]
