@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, PrivateAttr, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, CliSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings import YamlConfigSettingsSource
 from .cli import UsageError
@@ -42,6 +42,14 @@ class StageConfig(BaseSettings):
         if settings_cls.model_config.get("yaml_file"):
             sources.append(YamlConfigSettingsSource(settings_cls))
         return tuple(sources)
+
+
+class RetrievalSource(BaseModel):
+    """One collection for the retrieval reward."""
+
+    model_config = ConfigDict(extra="forbid")
+    collection: Path
+    qrels: Path | None = None
 
 
 class TrainCommon(StageConfig):
@@ -154,6 +162,11 @@ class GRPOConfig(TrainCommon):
     retrieval_qrels: Path | None = Field(None, description="judgments file when the collection has none of its own")
     retrieval_mode: Literal["hybrid", "bm25", "dense"] = Field(
         "hybrid", description="hybrid (BM25 + MiniLM, as bench retrieval), or bm25 only (fast)")
+    retrieval_more: list[RetrievalSource] = Field(
+        default_factory=list, description="more collections for the retrieval reward, as {collection, qrels} "
+        "mappings: each prompt is scored on the first collection that judges its query")
+    retrieval_clip: float = Field(1.0, gt=0, le=1, description="the retrieval reward (nDCG@10 gain over the raw "
+                                  "query, in [-1, 1]) is clipped to [-c, c], so one query's swing cannot dominate")
 
     @model_validator(mode="after")
     def _retrieval_needs_a_collection(self):

@@ -261,12 +261,15 @@ def markdown(reports: list[dict]) -> str:
     for name in reports[0]["ratings"]:
         row(name, lambda r, name=name: str(r["ratings"][name]))
     row("completions", lambda r: str(r["completions"]))
-    row("stopped by itself", lambda r: f"{r['stopped_by_itself']:.1%}")
-    row("tokens / expansion (mean, median, max)",
-        lambda r: f"{r['tokens_per_query']:.1f}, {r['tokens_median']:g}, {r['tokens_max']}")
-    row("lines QMD keeps / expansion", lambda r: f"{r['kept_lines_per_query']:.2f}")
-    row("expansion searches QMD runs / query", lambda r: f"{r['searches_per_query']:.2f}")
-    row("QMD falls back to the raw query", lambda r: f"{r['fallback_share']:.1%}")
+    def opt(key, fmt):  # figures reports from before the QMD contract lack: "-"
+        return lambda r: "-" if r.get(key) is None else fmt(r)
+
+    row("stopped by itself", opt("stopped_by_itself", lambda r: f"{r['stopped_by_itself']:.1%}"))
+    row("tokens / expansion (mean, median, max)", opt(
+        "tokens_median", lambda r: f"{r['tokens_per_query']:.1f}, {r['tokens_median']:g}, {r['tokens_max']}"))
+    row("lines QMD keeps / expansion", opt("kept_lines_per_query", lambda r: f"{r['kept_lines_per_query']:.2f}"))
+    row("expansion searches QMD runs / query", opt("searches_per_query", lambda r: f"{r['searches_per_query']:.2f}"))
+    row("QMD falls back to the raw query", opt("fallback_share", lambda r: f"{r['fallback_share']:.1%}"))
     row("seconds / query", lambda r: f"{r['seconds_per_query']:.3f}")
     for cat in reports[0]["categories"]:
         row(f"category {cat}", lambda r, cat=cat: f"{r['categories'].get(cat, 0):.3f}")

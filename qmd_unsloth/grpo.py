@@ -58,9 +58,12 @@ def reward_functions(cfg: GRPOConfig) -> tuple[list, list[float]]:
 
     funcs = [grpo_reward]
     if cfg.retrieval_weight > 0:
-        from .retrieval_reward import RetrievalReward
+        from .retrieval_reward import RetrievalReward, combined
 
-        funcs.append(RetrievalReward(cfg.retrieval_collection, cfg.retrieval_qrels, mode=cfg.retrieval_mode))
+        sources = [(cfg.retrieval_collection, cfg.retrieval_qrels)] + [(s.collection, s.qrels)
+                                                                       for s in cfg.retrieval_more]
+        funcs.append(combined([RetrievalReward(c, q, mode=cfg.retrieval_mode, clip=cfg.retrieval_clip)
+                               for c, q in sources]))
     return funcs, reward_weights(cfg)
 
 

@@ -112,21 +112,31 @@ def chat_format(template: str | None, architecture: str | None = None, bos: str 
     return ChatFormat("ChatML", bos or "")
 
 
-def format_of_tokenizer(tokenizer, architecture: str | None = None) -> ChatFormat:
-    """``chat_format`` for a HF tokenizer (``architecture``: the model's ``config.model_type``, read from the
-    tokenizer's folder when not given)."""
-    if architecture is None:
-        architecture = _model_type(getattr(tokenizer, "name_or_path", None))
-    return chat_format(getattr(tokenizer, "chat_template", None), architecture, getattr(tokenizer, "bos_token", None))
+def format_of_tokenizer(tokenizer, architecture: str | None = None, bos_token_id: int | None = None) -> ChatFormat:
+    """``chat_format`` for a HF tokenizer (``architecture``: the model's ``config.model_type``; both it and the
+    model's ``bos_token_id`` are read from the tokenizer's folder when not given).  The BOS is the tokenizer's, else
+    the model config's ``bos_token_id``: llama.cpp's converter writes that one into the GGUF, and node-llama-cpp's
+    ChatML wrapper starts the context with it."""
+    config = _config(getattr(tokenizer, "name_or_path", None))
+    architecture = architecture or config.get("model_type")
+    bos = getattr(tokenizer, "bos_token", None)
+    bos_id = bos_token_id if bos_token_id is not None else config.get("bos_token_id")
+    if not bos and isinstance(bos_id, int):
+        try:
+            bos = tokenizer.convert_ids_to_tokens(bos_id)
+        except (IndexError, TypeError, ValueError):
+            bos = None
+    return chat_format(getattr(tokenizer, "chat_template", None), architecture, bos)
 
 
 def model_chat_format(model, tokenizer) -> ChatFormat:
     """The ChatFormat of a model being trained.  A Qwen-architecture tokenizer without a chat template gets the real
     Qwen3 template first (the exported GGUF carries it, so node-llama-cpp picks its Qwen wrapper)."""
-    architecture = getattr(getattr(model, "config", None), "model_type", None)
+    config = getattr(model, "config", None)
+    architecture = getattr(config, "model_type", None)
     if not getattr(tokenizer, "chat_template", None) and architecture in QWEN_ARCHITECTURES:
         tokenizer.chat_template = qwen3_chat_template()
-    return format_of_tokenizer(tokenizer, architecture)
+    return format_of_tokenizer(tokenizer, architecture, getattr(config, "bos_token_id", None))
 
 
 def format_of_gguf(metadata: dict, bos: str | None) -> ChatFormat:
@@ -134,13 +144,15 @@ def format_of_gguf(metadata: dict, bos: str | None) -> ChatFormat:
     return chat_format(metadata.get("tokenizer.chat_template"), metadata.get("general.architecture"), bos)
 
 
-def _model_type(path) -> str | None:
+def _config(path) -> dict:
+    """The model's config.json beside a tokenizer (empty when there is none, e.g. a tokenizer read from a GGUF)."""
     import json
 
     try:
-        return json.loads((Path(path) / "config.json").read_text()).get("model_type")
+        config = json.loads((Path(path) / "config.json").read_text())
     except (OSError, TypeError, ValueError):
-        return None
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def resolve(fmt=None) -> ChatFormat:

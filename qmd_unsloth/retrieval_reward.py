@@ -34,7 +34,7 @@ class RetrievalReward:
     """Callable as a TRL reward function (``completions``, ``query`` keyword)."""
 
     def __init__(self, collection: str | Path, qrels: str | Path | None = None, mode: str = "hybrid",
-                 k: int = 10, cache_dir: str | Path | None = None):
+                 k: int = 10, cache_dir: str | Path | None = None, clip: float = 1.0):
         from .retrieval import BenchError, Retriever, load_collection
 
         if mode not in MODES:
@@ -45,7 +45,7 @@ class RetrievalReward:
             raise RetrievalRewardError(str(e)) from None
         if not col.qrels:
             raise RetrievalRewardError(f"{qrels or collection}: no relevance judgments found")
-        self.mode, self.k = mode, k
+        self.mode, self.k, self.clip = mode, k, clip
         self.raw_run, self.exp_run = MODES[mode]
         self.retriever = Retriever(col, dense=mode != "bm25", cache_dir=cache_dir)
         self.doc_ids = col.doc_ids
@@ -78,8 +78,9 @@ class RetrievalReward:
         return raw, self._ndcg(runs[self.exp_run], judged)
 
     def gain(self, query: str, completion: str) -> float | None:
+        """nDCG@10 with the expansion minus without, clipped to [-clip, clip]; None for an unjudged query."""
         got = self.scores(query, completion)
-        return None if got is None else got[1] - got[0]
+        return None if got is None else max(-self.clip, min(self.clip, got[1] - got[0]))
 
     def __call__(self, completions: list, query: list[str] | None = None, **kwargs) -> list[float | None]:
         from .reward import _completion_text
@@ -87,3 +88,33 @@ class RetrievalReward:
         if query is None:
             raise ValueError("the retrieval reward needs the dataset's 'query' column")
         return [self.gain(q, _completion_text(c)) for q, c in zip(query, completions)]
+
+
+class CombinedRetrievalReward:
+    """Several collections' retrieval rewards as one TRL reward function: each query is scored by the first reward
+    whose collection judges it (None when none does)."""
+
+    def __init__(self, rewards: list[RetrievalReward]):
+        self.rewards = rewards
+        self.__name__ = rewards[0].__name__
+
+    def has_judgments(self, query: str) -> bool:
+        return any(r.has_judgments(query) for r in self.rewards)
+
+    def gain(self, query: str, completion: str) -> float | None:
+        for r in self.rewards:
+            if r.has_judgments(query):
+                return r.gain(query, completion)
+        return None
+
+    def __call__(self, completions: list, query: list[str] | None = None, **kwargs) -> list[float | None]:
+        from .reward import _completion_text
+
+        if query is None:
+            raise ValueError("the retrieval reward needs the dataset's 'query' column")
+        return [self.gain(q, _completion_text(c)) for q, c in zip(query, completions)]
+
+
+def combined(rewards: list[RetrievalReward]):
+    """One reward as it is; several as a CombinedRetrievalReward."""
+    return rewards[0] if len(rewards) == 1 else CombinedRetrievalReward(rewards)

@@ -105,3 +105,24 @@ def test_grpo_sums_the_rule_and_retrieval_rewards_with_the_configured_weights(ti
         assert h["reward"] == pytest.approx(1.0 * rules + 0.5 * retrieval, abs=1e-4)
     rows = [json.loads(l) for l in (merged.parent / "data" / "prompts.jsonl").read_text().splitlines()]
     assert [r["query"] for r in rows] == ["k8s pod crashing over and over", "lisbon tram"]
+
+
+def test_the_gain_is_clipped_and_several_collections_route_each_query_to_its_judge(collection, tmp_path):
+    from qmd_unsloth.retrieval_reward import CombinedRetrievalReward, RetrievalReward, combined
+
+    q = "k8s pod crashing over and over"
+    full = RetrievalReward(collection, mode="bm25").gain(q, "lex: pod restart\nvec: pod keeps crashing")
+    assert full > 0.2
+    clipped = RetrievalReward(collection, mode="bm25", clip=0.2)
+    assert clipped.gain(q, "lex: pod restart\nvec: pod keeps crashing") == pytest.approx(0.2)
+    assert clipped.gain(q, "lex: sourdough starter") >= -0.2
+    # a second collection that judges only "lisbon tram": each query goes to the first collection that judges it
+    only_tram = tmp_path / "q.txt"
+    only_tram.write_text("2 0 d2 1\n")
+    a = RetrievalReward(collection, qrels=only_tram, mode="bm25")
+    b = RetrievalReward(collection, mode="bm25")
+    both = combined([a, b])
+    assert isinstance(both, CombinedRetrievalReward) and combined([b]) is b
+    assert both.gain(q, "lex: pod restart") == b.gain(q, "lex: pod restart")  # a does not judge it: b does
+    assert both(["lex: 28 tram", "lex: x"], query=["lisbon tram", "unjudged"]) == [a.gain("lisbon tram", "lex: 28 tram"),
+                                                                                  None]
