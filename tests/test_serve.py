@@ -99,7 +99,7 @@ def bad_ggufs(tiny_gguf, tmp_path_factory):
     return {"truncated.gguf": "truncated or corrupt", "cut-header.gguf": "truncated or corrupt",
             "corrupt.gguf": "truncated or corrupt", "not-a-gguf.gguf": "not a GGUF file",
             "wrong-eos.gguf": "EOS token is '<|endoftext|>', expected '<|im_end|>'",
-            "other-template.gguf": "embedded chat template renders a different prompt than training",
+            "other-template.gguf": "chat template is neither Qwen's nor ChatML",
             "missing.gguf": "no such file"}, d
 
 
