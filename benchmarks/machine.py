@@ -33,8 +33,9 @@ def describe(gpu: str | None = None, cores_used: int | None = None) -> dict:
 
 
 def tag(gpu: str | None = None) -> str:
-    """``cpu``, or a GPU's short name (``NVIDIA H100 80GB HBM3`` -> ``h100``) for result file names."""
+    """``cpu``, or a GPU's short name (``NVIDIA H100 80GB HBM3`` -> ``h100``, ``NVIDIA GeForce RTX 4090`` ->
+    ``rtx4090``) for result file names."""
     if not gpu:
         return "cpu"
-    m = re.search(r"\b([A-Z]+\d+[A-Za-z]*)\b", gpu.replace("NVIDIA", ""))
-    return (m.group(1) if m else re.sub(r"\W+", "-", gpu)).lower()
+    m = re.search(r"\b([A-Z]+) ?(\d+[A-Za-z]*)\b", gpu.replace("NVIDIA", ""))
+    return (m.group(1) + m.group(2) if m else re.sub(r"\W+", "-", gpu)).lower()

