@@ -1,14 +1,15 @@
 """Every command README.md and docs/*.md show works as written (issue 23).
 
-What counts as a command: each line of a fenced ``bash``/``sh`` block (a trailing backslash joins the next line), and
-each ``$ `` line of a ``console`` block.  Other fenced blocks (``text``, ``yaml``, ``json``, ...) are output or
-examples and must not hold commands.  Every command is CHECKED: ``python -m qmd_unsloth.X`` must exist and its
+What counts as a command: each line of a fenced ``bash``/``sh`` block (a trailing backslash joins the next line),
+each ``$ `` line of a ``console`` block, and inline code outside blocks that starts like a command (``python -m
+qmd_unsloth``, ``bash scripts/``, ...; a synopsis with ``<...>`` or ``...`` placeholders is skipped).  Other fenced
+blocks (``text``, ``yaml``, ``json``, ...) are output or examples and must not hold commands.  Every command is CHECKED: ``python -m qmd_unsloth.X`` must exist and its
 ``--help`` (and its subcommand's, for a subcommand used) must list every flag used; ``python scripts|benchmarks/F.py``
 must exist and, when given flags, list them in its ``--help``; ``bash scripts/F.sh`` must exist and handle its flags;
 ``pip install -e '.[a,b]'`` must name extras of pyproject.toml; a repository path a command names (``configs/...``,
 ``data/...``, ``tests/fixtures/...``, ...) must exist; optional-argument brackets (``[--flag X]``) are refused, since
-such a line cannot be run as written.  A block preceded by the line ``<!-- test: run -->`` is also RUN, line by line,
-in a temporary folder that links the repository's data/, configs/, tests/, scripts/ and benchmarks/ (so what it writes
+such a line cannot be run as written.  A block preceded by the line ``<!-- test: run -->`` is also RUN, its lines in order,
+in a fresh temporary folder that links the repository's data/, configs/, tests/, scripts/ and benchmarks/ (so what it writes
 under runs/ stays there), with the package on PYTHONPATH and the Hugging Face hub offline.  Relative links between the
 pages must point at files (and headings) that exist.  See docs/README.md.
 """
@@ -20,7 +21,6 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.util import find_spec
@@ -94,9 +94,25 @@ def joined(body: list[str], start: int):
     return out
 
 
+INLINE = re.compile(r"`((?:python -m qmd_unsloth|python scripts/|python benchmarks/|bash scripts/|pip install )[^`]*)`")
+
+
+def inline_commands(page: Path) -> list[Command]:
+    """Commands in inline code outside fenced blocks (`python -m qmd_unsloth.x --flag`): checked, never run."""
+    out, in_fence = [], False
+    for n, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+        if re.match(r"^\s*(```|~~~)", line):
+            in_fence = not in_fence
+            continue
+        if not in_fence:  # a synopsis with placeholders (<stage>, ...) is not a command
+            out += [Command(page, n, m.group(1).strip(), False) for m in INLINE.finditer(line)
+                    if "<" not in m.group(1) and "..." not in m.group(1)]
+    return out
+
+
 def page_commands(page: Path) -> tuple[list[Command], list[str]]:
     """The commands of a page, and problems found while reading it (commands hidden in other blocks)."""
-    commands, problems = [], []
+    commands, problems = inline_commands(page), []
     for lang, start, body, run in fenced_blocks(page.read_text(encoding="utf-8")):
         if lang in SHELL_LANGS:
             for n, line in joined(body, start):
@@ -227,7 +243,13 @@ def check_shell_script(path: str, args: list[str]) -> list[str]:
 
 @lru_cache(maxsize=1)
 def extras() -> set[str]:
-    return set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    text = (REPO / "pyproject.toml").read_text()
+    try:
+        import tomllib  # Python 3.11+
+    except ImportError:  # 3.10: the names of the [project.optional-dependencies] table
+        table = text.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+        return set(re.findall(r"^([A-Za-z][\w-]*)\s*=", table, re.M))
+    return set(tomllib.loads(text)["project"]["optional-dependencies"])
 
 
 def check_pip(args: list[str]) -> list[str]:
