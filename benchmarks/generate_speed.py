@@ -22,8 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
+import machine  # noqa: E402
 from qmd_unsloth import config as C  # noqa: E402
 from qmd_unsloth.generate import run  # noqa: E402
 from qmd_unsloth.llamacpp import openai_server  # noqa: E402
@@ -106,8 +107,10 @@ def main():
 
     result = {"benchmark": "generate_speed", "model": label, "gguf_bytes": size,
               "server": f"llama-cpp-python {llama_cpp.__version__} server, n_ctx 2048, n_threads {args.n_threads}",
-              "request_budget": args.requests, "max_tokens": args.max_tokens, "runs": runs,
-              "machine": {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+              "request_budget": args.requests,
+              "request_budget_counts": "every HTTP request: generate's GET /models check, first tries and retries",
+              "max_tokens": args.max_tokens, "runs": runs,
+              "machine": {"cpus": os.cpu_count(), "cpu": machine.cpu_model(),
                           "system": platform.platform(), "note": "the project's 2-core CPU machine, shared with other jobs",
                           "load_average_1_5_15": [round(x, 1) for x in os.getloadavg()]},
               "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}

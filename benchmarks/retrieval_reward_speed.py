@@ -1,11 +1,11 @@
 """Retrieval reward calls per second (BM25-only and hybrid) on an IR collection, against a GRPO step's needs.
 
-    python benchmarks/retrieval_reward_speed.py [--collection ../shared/ir/cranfield] [--calls 200]
+    python benchmarks/retrieval_reward_speed.py [--collection ../shared/ir/cranfield] [--calls 200] [--out FILE]
 
 A GRPO step scores batch x num_generations completions (8 to 16 with the shipped presets); the reward must score
 them in a small fraction of the step (seconds on a GPU, tens of seconds on CPU).  Each call here scores a different
 query's completion, so every raw-query ranking is computed once, as in GRPO's first epoch.  Writes
-benchmarks/results/retrieval_reward_speed-<machine>.json.
+benchmarks/results/retrieval_reward_speed-<tag>.json, <tag> being ``cpu`` or the GPU's short name (``h100``).
 """
 
 from __future__ import annotations
@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 COMPLETION = ("hyde: {q} was measured in the wind tunnel; the results agree with the linear theory within 5 percent.\n"
@@ -36,13 +35,16 @@ def main() -> int:
 
     import torch
 
+    import machine
     from qmd_unsloth.retrieval import load_collection
     from qmd_unsloth.retrieval_reward import RetrievalReward
 
     queries = list(load_collection(args.collection).queries.values())
-    result = {"benchmark": "retrieval_reward_speed", "collection": args.collection, "machine": platform.node(),
-              "device": f"CPU ({os.cpu_count()} cores), torch threads {torch.get_num_threads()}",
-              "load_average_at_start": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d"), "modes": {}}
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    result = {"benchmark": "retrieval_reward_speed", "collection": args.collection,
+              "retriever": "qmd_unsloth.retrieval: QMD 2.8.3's hybridQuery mirrored (SQLite FTS5, MiniLM)",
+              "machine": {**machine.describe(gpu), "torch_threads": torch.get_num_threads()},
+              "date": time.strftime("%Y-%m-%d"), "modes": {}}
     for mode in ("bm25", "hybrid"):
         t0 = time.perf_counter()
         reward = RetrievalReward(args.collection, mode=mode)
@@ -58,7 +60,7 @@ def main() -> int:
                                  "mean_gain_of_a_templated_expansion": round(sum(gains) / len(gains), 4)}
         print(f"{mode:>6}: index {build:.1f} s, {len(calls) / secs:.1f} calls/s "
               f"({16 * secs / len(calls):.2f} s per 16 completions)")
-    out = Path(args.out or REPO / "benchmarks" / "results" / "retrieval_reward_speed-cpu.json")
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"retrieval_reward_speed-{machine.tag(gpu)}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

@@ -4,7 +4,7 @@ hot-swapped every half second.  A real `python -m qmd_unsloth.serve` on a free p
     python benchmarks/serve_speed.py [--model FILE.gguf] [--requests 48] [--max-tokens 32]
 
 Without --model the tiny test model is exported to a Q4_K_M GGUF first (CPU, offline, ~15 s).  Writes
-benchmarks/results/serve_speed-cpu.json (named after the machine: CPU model and core count).
+benchmarks/results/serve_speed-cpu.json; the machine (CPU model, cores, load average at start) is recorded inside.
 """
 
 from __future__ import annotations
@@ -29,16 +29,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, no GPU used"
+def machine() -> dict:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import machine as m
+
+    return m.describe()  # no GPU used: llama.cpp on the CPU
 
 
 def start(model: Path, log: Path) -> tuple[subprocess.Popen, str]:
@@ -82,6 +77,7 @@ def main() -> int:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    result_machine = machine()  # the load average before this run adds to it
     with tempfile.TemporaryDirectory(prefix="serve-speed-") as tmp:
         tmp = Path(tmp)
         if args.model:
@@ -121,7 +117,8 @@ def main() -> int:
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-    result = {"benchmark": "serve_speed", "machine": machine(), "python": platform.python_version(),
+    where = result_machine
+    result = {"benchmark": "serve_speed", "machine": where, "python": platform.python_version(),
               "date": time.strftime("%Y-%m-%d"), "model": "tiny test model (Q4_K_M)" if not args.model else model.name,
               "endpoint": f"/expand (QMD grammar and sampling, max_tokens {args.max_tokens})",
               "steady": steady, "during_reloads": swapping,

@@ -295,9 +295,11 @@ class GenerateConfig(StageConfig):
                                                   "the categories of data/README.md)")
     min_score: float = Field(0.8, ge=0, le=1, description="keep rows the reward scores at least this high")
     concurrency: int = Field(4, gt=0, description="requests in flight at once")
-    max_requests: int | None = Field(None, gt=0, description="stop after this many requests (default: no limit)")
+    max_requests: int | None = Field(None, gt=0, description="stop after this many HTTP requests, every retry and "
+                                                           "the start-up check included (default: no limit)")
     timeout: float = Field(60.0, gt=0, description="seconds per request")
-    max_retries: int = Field(3, ge=0, description="retries of a failed request (429, 5xx, timeouts, bad bodies)")
+    max_retries: int = Field(3, ge=0, description="retries of a failed request (429, 5xx, timeouts, bad bodies); "
+                                                 "each retry is an HTTP request and counts against --max-requests")
     temperature: float = Field(0.7, ge=0, description="sampling temperature of expansions")
     query_temperature: float = Field(1.0, ge=0, description="sampling temperature of query generation")
     max_tokens: int = Field(400, gt=0, description="token cap per answer")

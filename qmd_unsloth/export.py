@@ -1,4 +1,4 @@
-"""Export: a Q4_K_M GGUF (plus optional other quants), verified by llama.cpp, with an Ollama Modelfile.
+"""Export: a Q4_K_M GGUF (plus optional other quants), checked in llama.cpp under QMD's prompt, with an Ollama Modelfile.
 
     python -m qmd_unsloth.export --model runs/grpo/latest --out runs/gguf [--quant q4_k_m] [--also q8_0]
         [--install-qmd] [--reload http://127.0.0.1:8765]
@@ -8,8 +8,10 @@ first).  ``--backend unsloth`` (the ``auto`` choice when CUDA and unsloth are th
 backend) makes the GGUF with Unsloth's ``save_pretrained_gguf``; ``--backend llama.cpp`` with llama.cpp's converter
 and quantizer directly.  Either way nothing is downloaded or installed: the pinned tools folder (``python -m
 qmd_unsloth.llamacpp prepare``) is used, and Unsloth is pointed at it before it is imported.  Every file is
-written under a temporary name, verified (file type, tensor types, EOS, chat template, a short llama.cpp
-generation), and only then renamed into place.  llama.cpp runs only in child processes (converter, quantizer, the
+written under a temporary name, checked (file type, EOS, QMD's chat wrapper equal to the training one, a llama.cpp
+load and a short greedy generation under QMD's grammar: ``qmd_unsloth.gguf_check``), and only then renamed into
+place.  It is reported "verified" only when that generation also parses under the reward; an undertrained model
+may write a degenerate line, which says nothing about the file, so export records that check without requiring it.  llama.cpp runs only in child processes (converter, quantizer, the
 check), so an abort inside it is one line and leaves no temporary folder.  A tokenizer.json that transformers built
 from a byte-level-BPE GGUF (SmolLM2's) is exported repaired (docs/export.md).
 """
@@ -27,7 +29,7 @@ from pathlib import Path
 from .atomic import atomic_write_text, clean_stale
 from .cli import UserError, command
 from .config import ExportConfig
-from .gguf_check import SMOKE_QUERY, GGUFCheckError, read_gguf, verify_gguf  # noqa: F401 (re-exported)
+from .gguf_check import SMOKE_QUERY, GGUFCheckError, describe_checks, read_gguf, verify_gguf  # noqa: F401
 from .llamacpp import QUANT_TYPES, ToolsMissing
 
 def modelfile(gguf: str, chat_format) -> str:
@@ -180,11 +182,11 @@ def export(cfg: ExportConfig) -> dict:
                 quantize(tools, f16, staged, quant)
             info = verify(staged, quant, tools, trained_format)
             final = out / staged.name
-            os.replace(staged, final)  # only a verified file reaches its final name
+            os.replace(staged, final)  # only a file that passed the checks reaches its final name
             info["seconds"] = round(time.perf_counter() - t0, 1)
             report["files"][final.name] = info
             print(f"export: {final} {info['file_type']} {info['bytes'] / 2**20:.1f} MiB, "
-                  f"{info['bits_per_weight']} bits/weight, verified in llama.cpp ({info['seconds']} s)")
+                  f"{info['bits_per_weight']} bits/weight, {describe_checks(info)} ({info['seconds']} s)")
     first = next(iter(report["files"]))
     atomic_write_text(out / "Modelfile", modelfile(first, trained_format))
     atomic_write_text(out / "export.json", json.dumps(report, indent=2) + "\n")
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _after_export(cfg: ExportConfig, gguf: Path) -> None:
-    """--install-qmd and --reload URL, on the verified main GGUF."""
+    """--install-qmd and --reload URL, on the main GGUF (each checks it again itself)."""
     if cfg.install_qmd:
         from .qmd_install import describe, install
 

@@ -11,6 +11,14 @@ llama.cpp runs in a child process first (``python -m qmd_unsloth.gguf_check --ch
 (a vocabulary that lacks a token it looks up ends in ``std::out_of_range`` and SIGABRT, a GGML_ASSERT on a damaged
 tensor) kills that child, not the caller, and becomes one line naming the signal, the C++ message and the step.
 ``verify_gguf`` only runs the child; ``load_checked`` (serve) then loads the checked file in its own process.
+
+"Verified" means exactly this, and nothing else is called verified: the header reads and names the expected file
+type, EOS is ``<|im_end|>``, node-llama-cpp (inside QMD) would wrap the prompt with the same chat wrapper and BOS as
+the model was trained with (so QMD's context is the training prompt), llama.cpp loads the file, and a capped greedy
+generation of QMD's prompt under QMD's grammar parses under the reward.  ``info["checks"]`` records each check and
+``info["verified"]`` whether all passed; ``describe_checks(info)`` says it in words.  Where the training wrapper is
+not known (a GGUF without its export.json) or the generation does not parse (export allows that: an undertrained
+model), the file is "checked", with what was and was not established.
 """
 
 from __future__ import annotations
@@ -155,8 +163,52 @@ def load_checked(path: Path, quant: str | None = None, expected=None, tools: Pat
         raise
     info.update(n_ctx=ctx, smoke_generation={"tokens": n, "seconds": round(time.perf_counter() - t0, 2),
                                              "text": text[:200], "hard_failure": failure})
+    parses = failure is None
+    info["checks"] = {"header": True, "file_type": quant.upper() if quant else f"any ({info['file_type']})",
+                      "eos": EOS, "chat_wrapper": info["chat_format"].wrapper,
+                      "wrapper_matches_training": info["prompt_matches_training"], "llama_cpp_load": True,
+                      "smoke_tokens": n, "smoke_generation_parses": parses}
+    info["verified"] = bool(info["prompt_matches_training"] and parses)
     info.pop("chat_template")
     return llm, info
+
+
+def describe_checks(info: dict) -> str:
+    """What the checks of ``load_checked`` established, in words: "verified (...)" only when every check passed."""
+    c = info.get("checks")
+    if not c:  # a record from before checks were recorded, or a header-only check
+        return "header only (not verified)"
+    wrapper = c["chat_wrapper"]
+    gen = f"a {c['smoke_tokens']}-token greedy generation under QMD's grammar"
+    if info.get("verified"):
+        return f"verified: header, EOS, QMD's {wrapper} wrapper as trained, llama.cpp load, {gen} that parses"
+    done = [f"header, EOS, llama.cpp load, {gen}"]
+    missing = []
+    if not c["wrapper_matches_training"]:
+        missing.append(f"QMD would use its {wrapper} wrapper, not compared with the training one (no export.json "
+                       "beside the file)")
+    else:
+        done.insert(0, f"QMD's {wrapper} wrapper as trained")
+    if not c["smoke_generation_parses"]:
+        why = (info.get("smoke_generation") or {}).get("hard_failure") or "no tokens"
+        missing.append(f"its generation does not parse under the reward ({why})")
+    return f"checked ({'; '.join(done)}), not verified: {'; '.join(missing)}"
+
+
+def exported_format(path: Path):
+    """The ``prompt.ChatFormat`` the model was trained with, from the export.json that export wrote beside the GGUF
+    (None when there is none or it does not list this file)."""
+    from .prompt import ChatFormat
+
+    path = Path(path)
+    try:
+        report = json.loads((path.parent / "export.json").read_text())
+    except (OSError, ValueError):
+        return None
+    fmt = report.get("chat_format") if isinstance(report, dict) else None
+    if path.name in (report.get("files") or {}) and isinstance(fmt, dict) and set(fmt) == {"wrapper", "bos"}:
+        return ChatFormat(**fmt)
+    return None
 
 
 def verify_gguf(path: Path, quant: str | None = None, expected=None, tools: Path | None = None,

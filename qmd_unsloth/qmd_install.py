@@ -1,4 +1,4 @@
-"""Install into QMD: keep a verified GGUF in our own folder and point QMD's index YAML at it by absolute path.
+"""Install into QMD: keep a checked GGUF in our own folder and point QMD's index YAML at it by absolute path.
 
     python -m qmd_unsloth.qmd_install --model runs/gguf/qmd-query-expansion-q4_k_m.gguf [--project DIR | --index FILE]
     python -m qmd_unsloth.qmd_install --rollback [--to-default]
@@ -301,7 +301,7 @@ def training_format(model: Path, tokenizer: Path | None = None):
     """The ``prompt.ChatFormat`` the model was trained with (QMD must wrap its prompt the same way): from
     ``--tokenizer DIR``, else from the export.json beside the file, else None (then any wrapper QMD's
     node-llama-cpp maps the file to and we mirror is accepted)."""
-    from .prompt import ChatFormat, UnsupportedChatTemplate, format_of_tokenizer
+    from .prompt import UnsupportedChatTemplate, format_of_tokenizer
 
     if tokenizer is not None:
         from .model import load_tokenizer
@@ -315,14 +315,9 @@ def training_format(model: Path, tokenizer: Path | None = None):
             return format_of_tokenizer(load_tokenizer(str(tokenizer)), architecture)
         except UnsupportedChatTemplate as e:
             raise InstallError(f"{tokenizer}: {e}") from None
-    try:
-        report = json.loads((model.parent / "export.json").read_text())
-    except (OSError, ValueError):
-        return None
-    fmt = report.get("chat_format")
-    if model.name in report.get("files", {}) and isinstance(fmt, dict) and set(fmt) == {"wrapper", "bos"}:
-        return ChatFormat(**fmt)
-    return None
+    from .gguf_check import exported_format
+
+    return exported_format(model)
 
 
 def check_model(model: Path, verify: bool = True, tokenizer: Path | None = None) -> dict:
@@ -386,7 +381,8 @@ def install(model: Path, models_dir: Path | None = None, index: Path | None = No
         atomic_write_text(index, new_text)
     prev_file = model_file(previous)
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "source": str(model), "model": str(dest), "sha256": digest,
-              "file_type": info.get("file_type"), "verified": verify, "index": str(index),
+              "file_type": info.get("file_type"), "verified": bool(verify and info.get("verified")),
+              "checks": info.get("checks") if verify else "header only (--no-verify)", "index": str(index),
               "index_existed": original is not None, "index_backup": str(backup) if backup else None,
               "original_sha256": _sha(original), "written_sha256": _sha(new_text.encode("utf-8")),
               "previous": previous, "previous_missing": bool(prev_file and not prev_file.is_file()),
@@ -406,9 +402,12 @@ def _decode(data: bytes, where: Path) -> str:
 
 def describe(record: dict) -> str:
     index = Path(record["index"])
-    lines = [f"qmd_install: placed {record['model']} ({record['file_type'] or 'file type not recorded'}"
-             f"{', verified in llama.cpp' if record.get('verified') else ', not verified'}, sha256 "
-             f"{record['sha256'][:12]})"]
+    from .gguf_check import describe_checks
+
+    checks = record.get("checks")
+    said = describe_checks(record) if isinstance(checks, dict) else "header only, not verified (--no-verify)"
+    lines = [f"qmd_install: placed {record['model']} ({record['file_type'] or 'file type not recorded'}, {said}; "
+             f"sha256 {record['sha256'][:12]})"]
     was = record["previous"] or "unset: QMD's default"
     if record.get("previous_missing"):
         was += ", a file that is gone: `qmd query` would have failed on it"

@@ -1,4 +1,4 @@
-"""Serve: a local OpenAI-compatible server for a GGUF, QMD's /expand, and a verified hot swap of the model.
+"""Serve: a local OpenAI-compatible server for a GGUF, QMD's /expand, and a checked hot swap of the model.
 
     python -m qmd_unsloth.serve --model runs/gguf/qmd-query-expansion-q4_k_m.gguf [--host 127.0.0.1] [--port 8765]
     python -m qmd_unsloth.serve reload --model NEW.gguf [--url http://127.0.0.1:8765] [--token ...]
@@ -83,10 +83,11 @@ class ServedModel:
     @classmethod
     def load(cls, path: Path, n_ctx: int = 2048) -> "ServedModel":
         """Loads and checks a GGUF (qmd_unsloth.gguf_check); raises GGUFCheckError with the reason."""
-        from .gguf_check import load_checked
+        from .gguf_check import exported_format, load_checked
 
         t0 = time.perf_counter()
-        llm, info = load_checked(Path(path), n_ctx=n_ctx)
+        # the training wrapper from the export.json beside the file, when there is one: then the file is verified
+        llm, info = load_checked(Path(path), expected=exported_format(Path(path)), n_ctx=n_ctx)
         info["verify_seconds"] = round(time.perf_counter() - t0, 3)
         return cls(path, llm, info)
 
@@ -235,7 +236,7 @@ def create_app(slot: ModelSlot, token: str | None = None, max_tokens: int = 600,
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
-    from .gguf_check import GGUFCheckError
+    from .gguf_check import GGUFCheckError, describe_checks
     from .prompt import parse_completion
     from .qmd_contract import kept, kept_lines, llama_cpp_sampling
     from .reward import score_expansion
@@ -278,7 +279,7 @@ def create_app(slot: ModelSlot, token: str | None = None, max_tokens: int = 600,
         m = slot.current
         return {"status": "ok", "model": str(m.path), "loaded_at": m.loaded_at,
                 "load_seconds": m.info.get("verify_seconds"), "file_type": m.info.get("file_type"),
-                "requests_served": slot.requests_served, "requests_on_this_model": m.served,
+                "verified": m.info.get("verified"), "requests_served": slot.requests_served, "requests_on_this_model": m.served,
                 "reloads": slot.reloads}
 
     @app.get("/v1/models")
@@ -361,6 +362,7 @@ def create_app(slot: ModelSlot, token: str | None = None, max_tokens: int = 600,
             log.info("reload: now serving %s (was %s)", new.path, old.path)
             return {"status": "ok", "model": str(new.path), "previous": str(old.path),
                     "load_seconds": new.info["verify_seconds"], "file_type": new.info["file_type"],
+                    "verified": new.info["verified"], "checks": describe_checks(new.info),
                     "smoke_generation": new.info["smoke_generation"]}
 
     return app
@@ -456,8 +458,10 @@ def serve(cfg) -> None:
         shown = f"[{host}]" if ":" in host else host
         rule = ("required for admin calls and for non-loopback or proxied clients" if token
                 else "none (only unproxied loopback clients are served)")
-        print(f"serve: http://{shown}:{port} {model.path} ({model.info['file_type']}, verified and loaded in "
-              f"{model.info['verify_seconds']} s); token {rule}", flush=True)
+        from .gguf_check import describe_checks
+
+        print(f"serve: http://{shown}:{port} {model.path} ({model.info['file_type']}, "
+              f"{describe_checks(model.info)}; loaded in {model.info['verify_seconds']} s); token {rule}", flush=True)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
@@ -469,14 +473,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["reload"]:
         ap = argparse.ArgumentParser(prog="python -m qmd_unsloth.serve reload",
-                                     description="Hot-swap a running server to a new GGUF (verified there first).")
+                                     description="Hot-swap a running server to a new GGUF (checked there first).")
         ap.add_argument("--model", required=True, help="the new .gguf file")
         ap.add_argument("--url", default=DEFAULT_URL, help=f"the server (default {DEFAULT_URL})")
         ap.add_argument("--token", help=f"bearer token (default: the environment variable {TOKEN_ENV})")
         args = ap.parse_args(argv[1:])
         out = reload_model(args.url, args.model, args.token)
-        print(f"reload: {args.url} now serves {out['model']} (was {out['previous']}; verified and loaded in "
-              f"{out['load_seconds']} s)")
+        print(f"reload: {args.url} now serves {out['model']} (was {out['previous']}; {out.get('checks') or 'checked'}; "
+              f"loaded in {out['load_seconds']} s)")
         return 0
     from .config import parse_stage_args, stage_parser
 

@@ -106,7 +106,8 @@ def _run(argv: list[str] | None) -> int:
                 grpo_run / "metrics.json", grpo_run / "reward.png", grpo_run / "merged" / "model.safetensors", work / "gguf" / gguf_name, work / "gguf" / "Modelfile",
                 work / "eval" / "report.json", work / "eval" / "report.md", work / "eval" / "report.png"]
     if gguf["file_type"] != "Q4_K_M" or not gguf["prompt_matches_training"]:
-        failures.append(f"GGUF not verified: {gguf['file_type']}")
+        failures.append(f"GGUF checks: file type {gguf['file_type']}, wrapper as trained "
+                        f"{gguf['prompt_matches_training']}")
     failures += [f"missing {p}" for p in expected if not p.is_file()]
     if len(completions) != len(SMOKE_QUERIES):
         failures.append("expansion count mismatch")

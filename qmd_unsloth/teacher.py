@@ -8,12 +8,13 @@
         fut = t.submit([{"role": "user", "content": "hi"}])          # concurrent.futures.Future[Reply]
         print(reply.text, reply.completion_tokens, t.stats.as_dict())
 
-Built on the ``openai`` client: its own retries (exponential backoff with jitter, ``Retry-After`` honoured) cover 429,
-408/409, 5xx, timeouts, connection errors and bodies cut short on the wire; on top of that a 200 whose body is not a
-chat completion (malformed or truncated JSON, no choices) is asked again with the same backoff.  Every request sent
-counts against ``max_requests`` (a re-ask counts again; the client's transport retries of one request do not, they
-are reported as ``retries``).  The API key is read from the environment variable ``api_key_env`` and never printed,
-logged or written: ``scrub()`` removes it from any text that came back from the server.
+Built on the ``openai`` client with its own retries switched off (``max_retries=0``: one call, one HTTP request), so
+that every HTTP request goes through one loop here and counts against ``max_requests``: the first try, every retry
+(429, 408/409, 5xx, timeouts, connection errors and bodies cut short on the wire, with the client's exponential
+backoff and jitter, ``Retry-After`` honoured), every re-ask of a 200 whose body is not a chat completion (malformed
+or truncated JSON, no choices), and ``check()``'s ``GET /models``.  A budget of N sends at most N HTTP requests.
+The API key is read from the environment variable ``api_key_env`` and never printed, logged or written:
+``scrub()`` removes it from any text that came back from the server.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from .cli import UserError
 
 DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
 NO_KEY = "no-key"  # sent when the variable is unset: local servers (llama.cpp, Ollama, vLLM) ignore the key
-RETRY_BASE_DELAY, RETRY_MAX_DELAY = 0.5, 8.0  # the openai client's own backoff constants, for our re-asks too
+RETRY_BASE_DELAY, RETRY_MAX_DELAY = 0.5, 8.0  # the openai client's own backoff constants
+RETRY_AFTER_MAX = 60.0  # a server-directed delay (Retry-After) longer than this is not waited for: backoff instead
 
 
 class TeacherError(Exception):
@@ -65,15 +67,15 @@ class Reply:
     prompt_tokens: int
     completion_tokens: int
     seconds: float
-    attempts: int  # requests sent for this reply (1 unless a malformed body was asked again)
-    retries: int  # the client's transport retries (429, 5xx, timeouts) inside those requests
+    attempts: int  # HTTP requests sent for this reply (1 unless it was retried)
+    retries: int  # attempts - 1
 
 
 @dataclass
 class TeacherStats:
-    requests: int = 0  # requests sent (each counts against max_requests)
+    requests: int = 0  # HTTP requests sent, retries and the start-up check included (each counts against max_requests)
     replies: int = 0
-    retries: int = 0  # transport retries inside the openai client plus our re-asks of malformed bodies
+    retries: int = 0  # of those requests, the retries (after a 429, 5xx, timeout, dropped connection, bad body)
     failures: Counter = field(default_factory=Counter)  # kind -> requests that failed after their retries
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -101,9 +103,9 @@ def _root_reason(err: BaseException) -> str:
 class Teacher:
     """Chat requests to one model behind an OpenAI-compatible ``base_url`` (e.g. ``http://127.0.0.1:8080/v1``).
 
-    ``concurrency`` worker threads serve ``submit``; ``max_requests`` (None: unlimited) caps requests sent;
-    ``timeout`` is seconds per request; ``max_retries`` is both the openai client's transport retries and our
-    re-asks of malformed bodies; ``temperature`` and ``max_tokens`` are per-request defaults.
+    ``concurrency`` worker threads serve ``submit``; ``max_requests`` (None: unlimited) caps the HTTP requests sent,
+    retries included; ``timeout`` is seconds per request; ``max_retries`` is how often one chat request is tried
+    again after a retryable failure or a bad body; ``temperature`` and ``max_tokens`` are per-request defaults.
     """
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str = DEFAULT_API_KEY_ENV, concurrency: int = 4,
@@ -118,8 +120,9 @@ class Teacher:
         self.max_retries, self.temperature, self.max_tokens = max_retries, temperature, max_tokens
         self.stats = TeacherStats()
         self._key = os.environ.get(api_key_env) or ""
+        # max_retries=0: the client never retries on its own, so every HTTP request is one of ours and is counted
         self._client = openai.OpenAI(base_url=self.base_url, api_key=self._key or NO_KEY, timeout=timeout,
-                                     max_retries=max_retries)
+                                     max_retries=0)
         self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._workers: list[threading.Thread] = []
@@ -141,20 +144,29 @@ class Teacher:
     # -- checks -----------------------------------------------------------------------------------------------
     def check(self) -> list[str] | None:
         """Fails fast with one line when the endpoint is down or refuses the key; returns the served model ids
-        (None when the endpoint has no ``/models`` route, which is not an error)."""
+        (None when the endpoint has no ``/models`` route, which is not an error).  Its ``GET /models`` requests (a
+        second one after a connection failure) count against ``max_requests``."""
         import openai
 
-        client = self._client.with_options(max_retries=1, timeout=min(self.timeout, 10.0))
-        try:
-            return [m.id for m in client.models.list().data]
-        except openai.APIConnectionError as e:
-            raise TeacherUnreachable(
-                f"cannot reach the teacher at {self.base_url} ({self.scrub(_root_reason(e))}); is the server "
-                f"running? check --base-url (OpenAI-compatible servers usually end in /v1)") from None
-        except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
-            raise self._auth_error(e) from None
-        except (openai.APIStatusError, openai.APIResponseValidationError, ValueError, AttributeError, TypeError):
-            return None
+        client = self._client.with_options(timeout=min(self.timeout, 10.0))
+        for attempt in range(2):
+            self._take_budget()
+            if attempt:
+                with self._lock:
+                    self.stats.retries += 1
+            try:
+                return [m.id for m in client.models.list().data]
+            except openai.APIConnectionError as e:
+                if attempt:
+                    raise TeacherUnreachable(
+                        f"cannot reach the teacher at {self.base_url} ({self.scrub(_root_reason(e))}); is the server "
+                        f"running? check --base-url (OpenAI-compatible servers usually end in /v1)") from None
+                time.sleep(RETRY_BASE_DELAY)
+            except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+                raise self._auth_error(e) from None
+            except (openai.APIStatusError, openai.APIResponseValidationError, ValueError, AttributeError, TypeError):
+                return None
+        return None
 
     def _auth_error(self, e) -> TeacherAuthError:
         key = f"the API key from ${self.api_key_env}" if self._key else f"no API key (${self.api_key_env} is unset)"
@@ -178,33 +190,50 @@ class Teacher:
             self.stats.failures[kind] += 1
         return TeacherError(kind, self.scrub(_one_line(message)))
 
+    @staticmethod
+    def _backoff(retry: int, headers=None) -> float:
+        """Seconds to wait before retry number ``retry`` (1, 2, ...): the server's ``retry-after-ms`` /
+        ``retry-after`` when it gives one up to RETRY_AFTER_MAX, else the openai client's exponential backoff
+        (0.5 s doubling up to 8 s) less up to 25% jitter."""
+        for header, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+            value = headers.get(header) if headers is not None else None
+            try:
+                delay = float(value) / scale if value is not None else None
+            except ValueError:
+                delay = None
+            if delay is not None and 0 < delay <= RETRY_AFTER_MAX:
+                return delay
+        return min(RETRY_BASE_DELAY * 2 ** (retry - 1), RETRY_MAX_DELAY) * (1 - 0.25 * random.random())
+
     def chat(self, messages: list[dict], *, temperature: float | None = None, max_tokens: int | None = None,
              **extra) -> Reply:
-        """One chat completion (blocking).  Raises TeacherError after the retries (BudgetExhausted when the budget
-        is used up), TeacherAuthError at once on 401/403/404.  ``extra`` goes to ``chat.completions.create``."""
+        """One chat completion (blocking): up to ``max_retries + 1`` HTTP requests, each taken from the budget.
+        Raises TeacherError after the retries (BudgetExhausted when the budget is used up, possibly between two
+        tries), TeacherAuthError at once on 401/403/404.  ``extra`` goes to ``chat.completions.create``."""
         import openai
 
         t0 = time.monotonic()
-        retries = 0
+        last: tuple[str, str] = ("malformed", "no request sent")
+        headers = None
         for attempt in range(self.max_retries + 1):
             if attempt:
-                delay = min(RETRY_BASE_DELAY * 2 ** (attempt - 1), RETRY_MAX_DELAY) * (1 - 0.25 * random.random())
-                time.sleep(delay)
-                retries += 1
+                time.sleep(self._backoff(attempt, headers))
+                headers = None
+            self._take_budget()
+            if attempt:
                 with self._lock:
                     self.stats.retries += 1
-            self._take_budget()
             try:
                 raw = self._client.chat.completions.with_raw_response.create(
                     model=self.model, messages=messages,
                     temperature=self.temperature if temperature is None else temperature,
                     max_tokens=self.max_tokens if max_tokens is None else max_tokens, **extra)
             except openai.APITimeoutError:
-                self._count_transport_retries(self.max_retries)
-                raise self._fail("timeout", f"no answer within {self.timeout:g} s ({self.max_retries + 1} tries)")
-            except openai.APIConnectionError as e:
-                self._count_transport_retries(self.max_retries)
-                raise self._fail("connection", f"connection failed ({_root_reason(e)}; {self.max_retries + 1} tries)")
+                last = ("timeout", f"no answer within {self.timeout:g} s")
+                continue
+            except openai.APIConnectionError as e:  # refused, reset, or a body cut short on the wire
+                last = ("connection", f"connection failed ({_root_reason(e)})")
+                continue
             except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
                 raise self._auth_error(e) from None
             except openai.NotFoundError as e:
@@ -212,12 +241,12 @@ class Teacher:
                     f"{self.base_url}/chat/completions answered 404 for model {self.model!r} "
                     f"({self.scrub(_one_line(e.message, 120))}); check --model and --base-url") from None
             except openai.APIStatusError as e:
-                retryable = e.status_code in (408, 409, 429) or e.status_code >= 500
-                self._count_transport_retries(self.max_retries if retryable else 0)
                 kind = "rate_limited" if e.status_code == 429 else f"http_{e.status_code // 100}xx"
-                raise self._fail(kind, f"HTTP {e.status_code}: {e.message}")
-            self._count_transport_retries(raw.retries_taken)
-            retries += raw.retries_taken
+                last = (kind, f"HTTP {e.status_code}: {e.message}")
+                if not (e.status_code in (408, 409, 429) or e.status_code >= 500):
+                    raise self._fail(kind, last[1])
+                headers = getattr(e.response, "headers", None)
+                continue
             try:
                 completion = raw.parse()
                 choice = completion.choices[0]
@@ -225,22 +254,18 @@ class Teacher:
                 if text is not None and not isinstance(text, str):
                     raise TypeError("content is not a string")
             except (ValueError, TypeError, AttributeError, IndexError, KeyError, openai.APIResponseValidationError):
+                last = ("malformed", "the body was not a chat completion")
                 continue  # malformed or truncated JSON, no choices: ask again
             usage = getattr(completion, "usage", None)
             reply = Reply(text or "", getattr(choice, "finish_reason", None),
                           int(getattr(usage, "prompt_tokens", 0) or 0), int(getattr(usage, "completion_tokens", 0) or 0),
-                          time.monotonic() - t0, attempt + 1, retries)
+                          time.monotonic() - t0, attempt + 1, attempt)
             with self._lock:
                 self.stats.replies += 1
                 self.stats.prompt_tokens += reply.prompt_tokens
                 self.stats.completion_tokens += reply.completion_tokens
             return reply
-        raise self._fail("malformed", f"the body was not a chat completion ({self.max_retries + 1} tries)")
-
-    def _count_transport_retries(self, n: int) -> None:
-        if n:
-            with self._lock:
-                self.stats.retries += n
+        raise self._fail(last[0], f"{last[1]} ({self.max_retries + 1} tries)")
 
     # -- concurrency ------------------------------------------------------------------------------------------
     def submit(self, messages: list[dict], **kwargs) -> Future:

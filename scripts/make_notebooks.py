@@ -111,10 +111,13 @@ def cells(platform: str) -> list:
                           "(KL beta 0.04 keeps it close to SFT)."),
         new_code_cell("run([sys.executable, '-m', 'qmd_unsloth.grpo', *GRPO, '--sft-model', WORK / 'sft/main/merged',\n"
                       "     '--output-dir', WORK, '--run-name', 'main'])"),
-        new_markdown_cell("**Export.** Q4_K_M GGUF, verified by llama.cpp, with an Ollama `Modelfile`."),
+        new_markdown_cell("**Export.** A Q4_K_M GGUF with an Ollama `Modelfile`, checked in llama.cpp with the "
+                          "prompt QMD sends; it is reported `verified` when its test generation under QMD's grammar "
+                          "also parses (`export.json` lists each check)."),
         new_code_cell("run([sys.executable, '-m', 'qmd_unsloth.export', '--model', WORK / 'grpo/main', '--out', WORK / 'gguf'])\n"
                       "GGUF = WORK / 'gguf' / 'qmd-query-expansion-q4_k_m.gguf'\nassert GGUF.is_file()"),
-        new_markdown_cell("**Eval.** The GGUF sampled the way QMD serves it, scored by the shared reward."),
+        new_markdown_cell("**Eval.** The GGUF sampled the way QMD runs it (QMD's prompt, grammar and sampling), "
+                          "scored by the shared reward."),
         new_code_cell("run([sys.executable, '-m', 'qmd_unsloth.eval', '--model', GGUF, '--out', WORK / 'eval', *EVAL])\n"
                       "print((WORK / 'eval' / 'report.md').read_text())"),
         new_markdown_cell("**Download or push.** Keep the GGUF, or push it with its model card (refused when the "

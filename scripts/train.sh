@@ -4,7 +4,7 @@
 # are skipped and an interrupted SFT or GRPO continues from its last checkpoint.
 #
 #   bash scripts/train.sh                  # GPU run (12, 16 or 24 GB presets from configs/presets/)
-#   bash scripts/train.sh --smoke          # the tiny offline model on CPU: the whole pipeline in about a minute
+#   bash scripts/train.sh --smoke          # the tiny offline model on CPU: the whole pipeline in a few minutes
 #   bash scripts/train.sh --workdir DIR    # where runs, logs and the GGUF go (default: runs/train, runs/smoke-train)
 set -euo pipefail
 cd "$(dirname "$0")/.."

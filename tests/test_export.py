@@ -44,6 +44,30 @@ def test_q4_k_m_and_q8_0_are_written_and_verified(exported):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary left behind
 
 
+def test_verified_is_said_only_when_every_named_check_passed(exported):
+    """export requires every check but the parse of the smoke generation (an undertrained model may write a degenerate
+    line); "verified" is recorded and printed only when that passed too."""
+    from qmd_unsloth.gguf_check import describe_checks
+
+    out, report = exported
+    for info in report["files"].values():
+        c = info["checks"]
+        assert c["header"] and c["llama_cpp_load"] and c["eos"] == "<|im_end|>" and c["chat_wrapper"] == "Qwen"
+        parses = info["smoke_generation"]["hard_failure"] is None
+        assert c["smoke_generation_parses"] == parses and c["wrapper_matches_training"] is True
+        assert info["verified"] == parses
+        assert describe_checks(info).startswith("verified: " if parses else "checked (")
+    info = json.loads(json.dumps(next(iter(report["files"].values()))))
+    info["checks"]["smoke_generation_parses"], info["verified"] = False, False
+    info["smoke_generation"]["hard_failure"] = "line 1 has no lex:/vec:/hyde: prefix"
+    said = describe_checks(info)
+    assert said.startswith("checked (QMD's Qwen wrapper as trained; header, EOS, llama.cpp load")
+    assert "not verified: its generation does not parse under the reward (line 1 has no" in said
+    info["checks"]["wrapper_matches_training"] = False
+    assert "not compared with the training one" in describe_checks(info)
+    assert describe_checks({"file_type": "Q4_K_M"}) == "header only (not verified)"
+
+
 def test_qmd_wraps_the_exported_model_as_it_was_trained(exported):
     from qmd_unsloth.export import read_gguf
     from qmd_unsloth.prompt import QWEN3, chat_format
@@ -132,9 +156,11 @@ def _tiny_llama(dst, tiny_model, pre_tokenizer=None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
+    # bos_token_id None: the tiny tokenizer has no BOS token, so the GGUF must name none either (with one, QMD's
+    # ChatML wrapper would write it first and the export's wrapper check would rightly refuse the file)
     LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
                                  num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                                 max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=1,
+                                 max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=None,
                                  eos_token_id=2, pad_token_id=0)).save_pretrained(dst)
     for f in ("tokenizer_config.json", "chat_template.jinja"):
         if (tiny_model / f).exists():

@@ -82,6 +82,8 @@ def make_handler(script: Script):
             self.wfile.flush()
 
         def do_GET(self):
+            with script.lock:
+                script.requests["models"] += 1  # check()'s GET /models: an HTTP request like any other
             self._send(200, json.dumps({"object": "list", "data": [{"id": "scripted", "object": "model"}]}).encode())
 
         def do_POST(self):
@@ -246,7 +248,7 @@ def test_generate_against_llama_cpp_server(llama_server, tmp_path):
     assert "Traceback" not in r.stderr
     state = json.loads((tmp_path / "gen.jsonl.state.json").read_text())
     run = state["runs"][-1]
-    assert run["requests"] == 8 and run["replies"] == 8 and run["completion_tokens"] > 0
+    assert run["requests"] == 8 and run["replies"] == 7 and run["completion_tokens"] > 0  # 7 chats + GET /models
     assert run["skipped_queries"] == {"duplicate": 1, "held-out eval query": 1}
     assert sum(run["rejected"].values()) == run["answered"] - run["accepted"] >= 2
     assert run["answered"] <= 8 and run["stop_reason"] == "--max-requests 8 used up"
@@ -280,7 +282,9 @@ def test_accepts_good_rows_and_survives_faults(scripted, tmp_path):
     assert run["skipped_queries"] == {"duplicate": 1, "held-out eval query": 1}  # near-duplicate of an eval query
     assert script.requests["429"] == script.requests["500"] == script.requests["malformed"] == 1
     assert script.requests["truncated"] == script.requests["cut_json"] == 1 and script.requests["hang"] == 3
-    assert run["retries"] == 7 and run["requests"] == 9  # re-asks of the 2 bad bodies count; transport retries not
+    # every HTTP request counts: 14 POSTs (7 queries, 7 retries: 429, 500, a bad body, a cut body, cut JSON, two
+    # more hangs) and the start-up GET /models
+    assert run["retries"] == 7 and run["requests"] == sum(script.requests.values()) == 15
     assert "failed after retries: timeout 1" in r.stdout and "acceptance: 100.0% of 6" in r.stdout
     assert script.auth == {f"Bearer {FAKE_KEY}"}  # the key was sent ...
     assert_key_absent(r, out, tmp_path / "gen.jsonl.state.json")  # ... and never shown or written
@@ -314,6 +318,36 @@ def test_budget_caps_requests(scripted, tmp_path):
     r = generate("--base-url", url, "--model", "scripted", "--count", "50", "--out", str(out), "--max-requests", "7")
     assert r.returncode == 1 and "--max-requests 7 used up" in r.stderr
     assert sum(script.requests.values()) == 7 and len(rows(out)) == script.requests["ok"]
+
+
+def test_budget_counts_every_http_request_retries_included(scripted, tmp_path):
+    """A budget of N sends N HTTP requests, whatever mix of first tries and retries: the openai client's own retries
+    are off, every try goes through the Teacher's loop and its budget."""
+    from qmd_unsloth.teacher import BudgetExhausted, Teacher
+
+    qs = NOVEL[20:23]
+    script = Script({qs[0]: ["429"] * 10, qs[1]: ["429", "500"]})
+    url = scripted(script)
+    with Teacher(url, "scripted", max_requests=3, max_retries=10, timeout=5) as t:
+        with pytest.raises(BudgetExhausted):
+            t.chat([{"role": "user", "content": f"Query: {qs[0]}"}])
+        assert script.requests["429"] == 3 and t.stats.requests == 3 and t.stats.retries == 2
+        assert t.budget_left() == 0
+    assert sum(script.requests.values()) == 3
+
+    script = Script({qs[0]: ["429", "429"], qs[1]: ["429", "malformed", "429"]})
+    url = scripted(script)
+    queries = tmp_path / "q.txt"
+    queries.write_text("# category: devops\n" + "\n".join(qs) + "\n")
+    out = tmp_path / "gen.jsonl"
+    r = generate("--base-url", url, "--model", "scripted", "--queries", str(queries), "--out", str(out),
+                 "--max-requests", "6", "--max-retries", "5", "--concurrency", "1")
+    # GET /models, then qs[0]: 429, 429, ok; then qs[1]: 429, malformed -- the sixth request; nothing more is sent
+    assert r.returncode == 1 and "--max-requests 6 used up" in r.stderr, r.stderr
+    assert sum(script.requests.values()) == 6 and script.requests["models"] == 1
+    assert [row["query"] for row in rows(out)] == [qs[0]]
+    run = json.loads((tmp_path / "gen.jsonl.state.json").read_text())["runs"][-1]
+    assert run["requests"] == 6 and run["retries"] == 3
 
 
 def test_resume_after_sigkill_and_sigint(scripted, tmp_path):

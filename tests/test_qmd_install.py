@@ -89,7 +89,8 @@ def test_install_then_rollback_restores_qmd_exactly(tiny_gguf, qmd_home):
     backups = list((models / "index-backups").iterdir())
     assert len(backups) == 1 and backups[0].read_text() == QMD_README_INDEX
     assert f"models.generate = {placed[0]}" in r.stdout and "was hf:tobil/" in r.stdout
-    assert "Q4_K_M, verified in llama.cpp" in r.stdout and "QMD_GENERATE_MODEL" not in r.stdout
+    assert "Q4_K_M, verified: header, EOS, QMD's Qwen wrapper as trained, llama.cpp load" in r.stdout
+    assert "QMD_GENERATE_MODEL" not in r.stdout
     manifest = json.loads((models / "qmd_unsloth-installs.json").read_text())
     assert [i["model"] for i in manifest["installs"]] == [str(placed[0])]
     assert not [p for p in models.iterdir() if p.name.startswith(".")]  # no temporaries
@@ -135,7 +136,7 @@ def test_without_an_index_a_minimal_one_is_created_and_rollback_removes_it(tiny_
     placed = next(_models(tmp_path).glob("*.gguf"))
     index = tmp_path / "none" / "index.yml"
     assert index.read_text() == f'models:\n  generate: "{placed}"\n'
-    assert "created" in r.stdout and "not verified" in r.stdout
+    assert "created" in r.stdout and "header only, not verified (--no-verify)" in r.stdout
     assert "QMD_GENERATE_MODEL is set here; QMD ignores it" in r.stdout and "export " not in r.stdout
     r = run_module("qmd_unsloth.qmd_install", "--rollback", env=env)
     assert r.returncode == 0 and "did not exist before the install" in r.stdout
@@ -172,7 +173,7 @@ def test_any_file_type_llama_cpp_loads_is_accepted(tmp_path, tiny_model):
     index = tmp_path / "index.yml"
     index.write_text("collections: {}\n")
     record = install(gguf, tmp_path / "models", index, tokenizer=gguf)
-    assert record["file_type"] == "Q4_1" and record["verified"]
+    assert record["file_type"] == "Q4_1" and record["verified"] and record["checks"]["chat_wrapper"] == "ChatML"
     # a model trained on Qwen's wrapper would see another prompt in QMD than in training
     with pytest.raises(InstallError, match=r"QMD would wrap its prompt as ChatML .* trained on Qwen"):
         install(gguf, tmp_path / "models", index, tokenizer=tiny_model)
@@ -214,3 +215,22 @@ def test_installs_recorded_by_the_older_qmd_install_still_roll_back(tmp_path):
     (cache / "qmd_unsloth-installs.json").write_text(json.dumps({"installs": records}))
     assert "restored exactly" in rollback(cache)["restored"] and index.read_text() == QMD_README_INDEX
     assert "unset QMD_GENERATE_MODEL" in rollback(cache)["restored"] and not gguf.exists()
+
+
+def test_a_gguf_without_its_export_json_is_checked_not_verified(tiny_gguf, tmp_path):
+    """Away from the export.json that names its training wrapper, a file passes every check but the comparison of
+    QMD's wrapper with the training one: it is installed as "checked", never called verified."""
+    import shutil
+
+    from qmd_unsloth.qmd_install import describe, install
+
+    alone = tmp_path / "alone" / tiny_gguf.name
+    alone.parent.mkdir()
+    shutil.copyfile(tiny_gguf, alone)
+    index = tmp_path / "index.yml"
+    index.write_text("collections: {}\n")
+    record = install(alone, tmp_path / "models", index)
+    assert record["verified"] is False and record["checks"]["wrapper_matches_training"] is False
+    assert "not verified: QMD would use its Qwen wrapper, not compared with the training one" in describe(record)
+    record = install(tiny_gguf, tmp_path / "models", index)  # beside its export.json
+    assert record["verified"] is True and "verified: header" in describe(record)

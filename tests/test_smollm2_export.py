@@ -97,7 +97,7 @@ def test_smollm2_exports_verifies_installs_and_answers_in_qmd(trained, tmp_path)
     r = subprocess.run([sys.executable, "-m", "qmd_unsloth.qmd_install", "--model", str(gguf)], capture_output=True,
                        text=True, env=env, cwd=home, timeout=600)
     assert r.returncode == 0, r.stderr  # the template check used export.json's training template (SmolLM2's)
-    assert "Q4_K_M, verified in llama.cpp" in r.stdout
+    assert "Q4_K_M, verified: header, EOS, QMD's ChatML wrapper as trained" in r.stdout
     placed = next((home / ".local" / "share" / "qmd_unsloth" / "models").glob("*.gguf"))
     qmd.run(["collection", "add", str(REPO / "tests" / "fixtures" / "vault"), "--name", "vault"], home=home)
     capture = home / "captures.jsonl"
