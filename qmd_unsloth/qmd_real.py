@@ -111,24 +111,47 @@ class QMD:
         return r
 
     def expand(self, model: Path, queries: list[str], home: Path, threads: int | None = None,
-               timeout: float = 3600, max_tokens: int | None = None) -> list[dict]:
+               timeout: float = 3600, max_tokens: int | None = None, progress: bool | None = None) -> list[dict]:
         """QMD's own ``LlamaCpp.expandQuery`` for each query on ``model``: one dict per query with ``queryables``
         (QMD's kept lines, after its drop rule and fallback) and ``capture`` (context, context_ids, response,
         generated_tokens, stop_reason, chat_wrapper).  ``max_tokens`` caps generation below QMD's 600: only for
         capturing the context, never for measuring an expansion."""
+        import tempfile
+        import threading
+
+        from tqdm import tqdm
+
         model = Path(model).resolve()
         if not model.is_file():
             raise QMDFailed(f"{model}: no such file")
         Path(home).mkdir(parents=True, exist_ok=True)
-        r = subprocess.run(self._node([str(NODE_DIR / "expand.mjs"), str(model)]), capture_output=True, text=True,
-                           errors="replace", cwd=home, timeout=timeout,
-                           env=self.env(home, threads, extra={"QMD_UNSLOTH_MAX_TOKENS": str(max_tokens)} if max_tokens
-                                        else None),
-                           input=json.dumps(list(queries)))
-        rows = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
-        if r.returncode != 0 or len(rows) != len(queries):
-            raise QMDFailed(f"QMD's expandQuery on {model} exited with status {r.returncode} after "
-                            f"{len(rows)}/{len(queries)} queries: {_last_line(r.stderr)}")
+        env = self.env(home, threads, extra={"QMD_UNSLOTH_MAX_TOKENS": str(max_tokens)} if max_tokens else None)
+        rows: list[dict] = []
+        with tempfile.TemporaryFile("w+", errors="replace") as err, \
+                tqdm(total=len(queries), desc=f"QMD expands ({model.name})", unit="query", disable=progress is False,
+                     leave=False) as bar:
+            proc = subprocess.Popen(self._node([str(NODE_DIR / "expand.mjs"), str(model)]), stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=err, text=True, errors="replace", cwd=home, env=env)
+            timer = threading.Timer(timeout, proc.kill)  # the whole run's limit
+            timer.start()
+            try:
+                proc.stdin.write(json.dumps(list(queries)))
+                proc.stdin.close()
+                for line in proc.stdout:  # one JSON line per query, as QMD finishes it
+                    if line.startswith("{"):
+                        rows.append(json.loads(line))
+                        bar.update(1)
+                code = proc.wait()
+            finally:
+                timer.cancel()
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            err.seek(0)
+            stderr = err.read()
+        if code != 0 or len(rows) != len(queries):
+            raise QMDFailed(f"QMD's expandQuery on {model} exited with status {code} after "
+                            f"{len(rows)}/{len(queries)} queries: {_last_line(stderr)}")
         return rows
 
 

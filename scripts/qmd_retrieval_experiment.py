@@ -234,6 +234,36 @@ def score_mirror(name: str, col, held: dict, exps: dict[str, dict], work: Path) 
     return out
 
 
+ABLATIONS = {  # which of an expansion's searches (after QMD's filters) to keep
+    "all lines": lambda s: s,
+    "lex only": lambda s: [x for x in s if x[0] == "lex"],
+    "vec only": lambda s: [x for x in s if x[0] == "vec"],
+    "hyde only": lambda s: [x for x in s if x[0] == "hyde"],
+    "no hyde": lambda s: [x for x in s if x[0] != "hyde"],
+    "first lex + first vec": lambda s: [x for k in ("lex", "vec") for x in [y for y in s if y[0] == k][:1]],
+    "first lex": lambda s: [x for x in s if x[0] == "lex"][:1],
+}
+
+
+def ablate(name: str, col, held: dict, arm: str, by_q: dict, work: Path) -> dict:
+    """Mean nDCG@10 (mirror) of an arm's expansions with only some of their lines: which lines help under QMD's
+    fusion, and which cost (a lever for the data and the reward, measured without training anything)."""
+    path = work / "scores" / f"ablations-{arm}-{name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    from qmd_unsloth.retrieval import Retriever, searches_for
+
+    ret = Retriever(col)
+    raw = {q: ndcg(col, ret.rank(t, None).ids, q) for q, t in held.items()}
+    out = {}
+    for label, keep in ABLATIONS.items():
+        per_q = {q: [ndcg(col, ret.rank(t, keep(searches_for(t, c))).ids, q) for c in by_q[q]] for q, t in held.items()}
+        out[label] = compare({q: [v] for q, v in raw.items()}, per_q)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
 def score_qmd(name: str, col, held: dict, exps: dict[str, dict], samples: int, work: Path, threads: int) -> dict:
     """arm -> qid -> [nDCG@10 per sample] through the real QMD (one index; expansions seeded into its cache)."""
     path = work / "scores" / f"qmd-{name}.json"
@@ -349,6 +379,7 @@ def main() -> int:
                 entry["engines"][engine]["searches_per_expansion"] = {
                     arm: round(sum(sum(v) for v in scores["_searches"][arm].values())
                                / sum(len(v) for v in scores["_searches"][arm].values()), 2) for arm in arms}
+        entry["line_ablations_mirror"] = {arm: ablate(name, col, held, arm, exps[arm], work) for arm in arms}
         result["collections"][name] = entry
         for engine, figs in entry["engines"].items():
             log(f"{name} / {engine}: raw {figs['raw_ndcg@10']:.4f} " + "; ".join(
