@@ -278,6 +278,50 @@ def ablate(name: str, col, held: dict, arm: str, by_q: dict, work: Path) -> dict
     return out
 
 
+def rule_vs_retrieval(held: dict, by_q: dict, scores: dict, raw: dict) -> dict:
+    """Does the rule reward agree with retrieval?  Over every (query, sample) of an arm: Spearman correlation of the
+    rule score, and of each rubric dimension's points, with the sample's nDCG@10 gain over raw (mirror); and the mean
+    gain of the samples the rubric scores in its top and bottom third.  A dimension whose points do not rise with the
+    gain is one the reward should stop rewarding (or weigh less) where retrieval is the goal."""
+    from qmd_unsloth.reward import score_expansion
+
+    rows = []
+    for q, t in held.items():
+        for c, v in zip(by_q[q], scores[q]):
+            sc = score_expansion(t, c)
+            rows.append((sc.score, {n: d.points for n, d in sc.dimensions.items()}, v - raw[q][0]))
+
+    def rank(xs):
+        order = sorted(range(len(xs)), key=lambda i: xs[i])
+        r = [0.0] * len(xs)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    def spearman(a, b):
+        ra, rb = rank(a), rank(b)
+        n = len(a)
+        ma, mb = sum(ra) / n, sum(rb) / n
+        cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+        va = sum((x - ma) ** 2 for x in ra) ** 0.5
+        vb = sum((y - mb) ** 2 for y in rb) ** 0.5
+        return round(cov / (va * vb), 3) if va and vb else None
+
+    gains = [g for _, _, g in rows]
+    by_score = sorted(rows, key=lambda r: r[0])
+    third = max(1, len(rows) // 3)
+    return {"samples": len(rows), "spearman_score_gain": spearman([r[0] for r in rows], gains),
+            "spearman_dimension_gain": {n: spearman([r[1][n] for r in rows], gains) for n in rows[0][1]},
+            "mean_gain_top_third_by_score": round(sum(r[2] for r in by_score[-third:]) / third, 4),
+            "mean_gain_bottom_third_by_score": round(sum(r[2] for r in by_score[:third]) / third, 4)}
+
+
 def score_qmd(name: str, col, held: dict, exps: dict[str, dict], samples: int, work: Path, threads: int) -> dict:
     """arm -> qid -> [nDCG@10 per sample] through the real QMD: one index per collection, built once under
     ``work/qmd/<name>`` and kept; each arm's expansions are seeded into QMD's expansion cache.  Cached per arm."""
@@ -407,6 +451,9 @@ def main() -> int:
                     arm: round(sum(sum(v) for v in scores["_searches"][arm].values())
                                / sum(len(v) for v in scores["_searches"][arm].values()), 2) for arm in arms}
         entry["line_ablations_mirror"] = {arm: ablate(name, col, held, arm, exps[arm], work) for arm in arms}
+        mirror = engines["mirror"]
+        entry["rule_reward_vs_gain_mirror"] = {arm: rule_vs_retrieval(held, exps[arm], mirror[arm], mirror["raw"])
+                                               for arm in arms}
         result["collections"][name] = entry
         for engine, figs in entry["engines"].items():
             log(f"{name} / {engine}: raw {figs['raw_ndcg@10']:.4f} " + "; ".join(
