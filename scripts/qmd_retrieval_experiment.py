@@ -9,8 +9,9 @@ Collections (held-out queries are never trained on):
 * Cranfield (read from ``--cranfield``, never copied): judged queries split by a seeded hash of their text (seed 7,
   1/3 held out, as the earlier Cranfield experiment).
 * git's documentation as notes: the ``git-doc`` package from Debian's registry (``apt-get download``, cached under
-  ``$QMD_UNSLOTH_CACHE/debs``), its .txt files as a vault; ``notes extract`` (local mode, ``--per-note 2``) with
-  expansions by the SFT model, ``curate import --approve``, ``dedupe``, ``auto --reject-duplicates
+  ``$QMD_UNSLOTH_CACHE/debs``), its .txt files of at most 6,000 characters cut into notes of at most 700 at blank
+  lines (739 notes from 157 files; see gitdoc_vault for why short); ``notes extract`` (local mode, ``--per-note 1``)
+  with expansions by the SFT model, ``curate import --approve``, ``dedupe``, ``auto --reject-duplicates
   --reject-hard-failures``, ``export`` -> queries and ``qrels.jsonl``; split by the same seeded hash.
 
 Arms: ``raw`` (no expansion: hybridQuery of the query alone), ``sft`` (SmolLM2-135M-Instruct after SFT on the shipped
@@ -69,8 +70,57 @@ def heldout(text: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ collections
+PART_CHARS, FILE_CHARS = 700, 6000  # MiniLM: at most 437 tokens a note (512 positions)
+
+
+def split_note(text: str, limit: int = PART_CHARS) -> list[tuple[str, str]]:
+    """(section heading, text) parts of at most ``limit`` characters, cut at blank lines (else at line ends, else
+    hard): git's asciidoc .txt marks a section heading by a line of - = ~ ^ under it."""
+    lines = text.splitlines()
+    heading, paras, cur = "", [], []
+    for i, ln in enumerate(lines):
+        nxt = lines[i + 1].strip() if i + 1 < len(lines) else ""
+        if ln.strip() and len(nxt) >= 3 and set(nxt) <= set("-=~^") and abs(len(nxt) - len(ln.strip())) <= 2:
+            if cur:
+                paras.append((heading, "\n".join(cur)))
+                cur = []
+            heading = ln.strip()
+        if not ln.strip():
+            if cur:
+                paras.append((heading, "\n".join(cur)))
+                cur = []
+        else:
+            cur.append(ln)
+    if cur:
+        paras.append((heading, "\n".join(cur)))
+    pieces = []
+    for h, p in paras:  # pieces no longer than the limit
+        while len(p) > limit:
+            cut = p.rfind("\n", 0, limit)
+            cut = cut if cut > 0 else limit
+            pieces.append((h, p[:cut]))
+            p = p[cut:].lstrip("\n")
+        pieces.append((h, p))
+    parts, head, buf = [], "", ""
+    for h, p in pieces:
+        if buf and len(buf) + 2 + len(p) > limit:
+            parts.append((head, buf))
+            buf = ""
+        if not buf:
+            head = h
+        buf = f"{buf}\n\n{p}" if buf else p
+    if buf:
+        parts.append((head, buf))
+    return parts
+
+
 def gitdoc_vault(work: Path) -> Path:
-    """git's documentation (.txt files of Debian's git-doc package) as a notes vault."""
+    """git's documentation (the .txt files of Debian's git-doc package) as a vault of short notes: each file of at
+    most FILE_CHARS characters cut into parts of at most PART_CHARS at blank lines, named after the file and the
+    section the part starts in.  Short notes because QMD embeds chunks of up to 900 tokens and the only embedding
+    model here (MiniLM-L6, 512 positions) aborts on longer ones (GGML_ASSERT in get_rows)."""
+    import re
+
     vault = work / "gitdoc" / "vault"
     if vault.is_dir():
         return vault
@@ -87,14 +137,26 @@ def gitdoc_vault(work: Path) -> Path:
     src = tmp / "usr" / "share" / "doc" / "git-doc"
     staging = vault.with_name("vault.tmp")
     shutil.rmtree(staging, ignore_errors=True)
+    files = 0
     for f in sorted(src.rglob("*.txt")):
-        dest = staging / f.relative_to(src)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(f, dest)
+        text = f.read_text(encoding="utf-8", errors="replace")
+        if len(text) > FILE_CHARS:
+            continue
+        files += 1
+        rel = f.relative_to(src)
+        seen: dict[str, int] = {}
+        for head, part in split_note(text):
+            slug = re.sub(r"[^a-z0-9]+", "-", head.lower()).strip("-")[:40] or "intro"
+            seen[slug] = seen.get(slug, 0) + 1
+            name = f"{rel.stem} {slug}" + (f" {seen[slug]}" if seen[slug] > 1 else "") + ".txt"
+            dest = staging / rel.parent / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(part + "\n", encoding="utf-8")
     staging.rename(vault)
     shutil.rmtree(tmp)
-    (work / "gitdoc" / "source.json").write_text(json.dumps({"package": debs[-1].name,
-                                                             "files": sum(1 for _ in vault.rglob("*.txt"))}) + "\n")
+    (work / "gitdoc" / "source.json").write_text(json.dumps({
+        "package": debs[-1].name, "files": files, "file_chars_max": FILE_CHARS, "part_chars_max": PART_CHARS,
+        "notes": sum(1 for _ in vault.rglob("*.txt"))}) + "\n")
     return vault
 
 
@@ -108,7 +170,7 @@ def gitdoc_qrels(work: Path, sft_gguf: Path) -> Path:
     lg = work / "gitdoc.log"
     if not cand.is_file():
         sh([sys.executable, "-m", "qmd_unsloth.notes", "extract", "--vault", str(vault), "--out", str(cand),
-            "--per-note", "2", "--seed", "0", "--expand-with", str(sft_gguf)], lg)
+            "--per-note", "1", "--seed", "0", "--expand-with", str(sft_gguf)], lg)
     db = work / "gitdoc" / "curate.db"
     db.unlink(missing_ok=True)
     cur = [sys.executable, "-m", "qmd_unsloth.curate", "--db", str(db)]
