@@ -2,7 +2,7 @@
 QMD-faithful retriever (qmd_unsloth.retrieval) and through the real QMD 2.8.3 (`qmd query --no-rerank`).
 
     python scripts/qmd_retrieval_experiment.py [--workdir runs/qmd_retrieval] [--cranfield ../shared/ir/cranfield]
-        [--sft-model DIR] [--grpo-steps 8] [--samples 1] [--qmd-samples 1] [--max-heldout 40] [--threads 2]
+        [--sft-model DIR] [--grpo-steps 4] [--samples 1] [--qmd-samples 1] [--max-heldout 40] [--threads 2]
         [--arms raw,sft,grpo_rules,grpo_retrieval] [--train-only] [--out benchmarks/results/qmd_retrieval-cpu.json]
 
 Collections (held-out queries are never trained on):
@@ -496,7 +496,7 @@ def main() -> int:
     ap.add_argument("--cranfield", default=str(REPO.parent / "shared" / "ir" / "cranfield"))
     ap.add_argument("--collections", default="cranfield,gitdoc")
     ap.add_argument("--sft-model", default=None, help="a merged SFT model (default: 120 SFT steps of SmolLM2)")
-    ap.add_argument("--grpo-steps", type=int, default=8)
+    ap.add_argument("--grpo-steps", type=int, default=4)
     ap.add_argument("--samples", type=int, default=1, help="expansions per held-out query (mirror scores all)")
     ap.add_argument("--max-heldout", type=int, default=40,
                     help="at most N held-out queries per collection (a seeded sample; 0: all)")
