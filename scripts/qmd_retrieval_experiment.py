@@ -205,9 +205,9 @@ def gitdoc_qrels(work: Path, sft_gguf: Path) -> Path:
             pairs = expand(r["query"])
             if pairs:
                 r["output"] = [list(p) for p in pairs]
-        tmp = cand.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        tmp.rename(cand)
+        from qmd_unsloth.atomic import atomic_write_text
+
+        atomic_write_text(cand, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     db = work / "gitdoc" / "curate.db"
     db.unlink(missing_ok=True)
     cur = [sys.executable, "-m", "qmd_unsloth.curate", "--db", str(db)]
@@ -395,27 +395,15 @@ def rule_vs_retrieval(held: dict, by_q: dict, scores: dict, raw: dict) -> dict:
             sc = score_expansion(t, c)
             rows.append((sc.score, {n: d.points for n, d in sc.dimensions.items()}, v - raw[q][0]))
 
-    def rank(xs):
-        order = sorted(range(len(xs)), key=lambda i: xs[i])
-        r = [0.0] * len(xs)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2
-            i = j + 1
-        return r
-
     def spearman(a, b):
-        ra, rb = rank(a), rank(b)
-        n = len(a)
-        ma, mb = sum(ra) / n, sum(rb) / n
-        cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-        va = sum((x - ma) ** 2 for x in ra) ** 0.5
-        vb = sum((y - mb) ** 2 for y in rb) ** 0.5
-        return round(cov / (va * vb), 3) if va and vb else None
+        import warnings
+
+        from scipy.stats import spearmanr  # sentence-transformers' dependency (the bench extra)
+
+        with warnings.catch_warnings():  # a constant side is reported as None below
+            warnings.simplefilter("ignore")
+            r = spearmanr(a, b).statistic
+        return None if r != r else round(float(r), 3)  # NaN: one side constant
 
     gains = [g for _, _, g in rows]
     by_score = sorted(rows, key=lambda r: r[0])

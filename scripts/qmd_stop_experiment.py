@@ -79,8 +79,9 @@ def same_queries(report_dir: Path, queries: Path) -> dict:
     """Stopped share and tokens of a report's rows whose query is in ``queries``."""
     import statistics
 
-    keep = {ln.strip() for ln in queries.read_text(encoding="utf-8").splitlines()
-            if ln.strip() and not ln.strip().startswith("#")}
+    from qmd_unsloth.eval import read_queries
+
+    keep = {query for _, query in read_queries(queries)}
     rows = [r for r in json.loads((report_dir / "report.json").read_text())["rows"] if r["query"] in keep]
     toks = [r["tokens"] for r in rows]
     return {"completions": len(rows), "stopped_by_itself": round(sum(bool(r["stopped"]) for r in rows) / len(rows), 4),
@@ -91,24 +92,22 @@ def same_queries(report_dir: Path, queries: Path) -> dict:
 def subset(queries: Path, every: int, out: Path, most: int | None = None) -> Path:
     """Every ``every``-th query of each ``# category:`` group (its first included), headers kept; with ``most``, of
     those every k-th over the whole file so that at most ``most`` remain."""
-    picked, n, cat = [], 0, None
-    for line in queries.read_text(encoding="utf-8").splitlines():
-        s = line.strip()
-        if s.startswith("# category:"):
-            n, cat = 0, line
-        elif s and not s.startswith("#"):
-            if n % every == 0:
-                picked.append((cat, line))
-            n += 1
+    from qmd_unsloth.eval import read_queries
+
+    picked, n, last = [], 0, None
+    for cat, query in read_queries(queries):
+        n = 0 if cat != last else n
+        if n % every == 0:
+            picked.append((cat, query))
+        n, last = n + 1, cat
     if most and len(picked) > most:
-        k = -(-len(picked) // most)
-        picked = picked[::k]
+        picked = picked[::-(-len(picked) // most)]
     lines, last = [], None
-    for cat, line in picked:
-        if cat is not None and cat != last:
-            lines.append(cat)
-            last = cat
-        lines.append(line)
+    for cat, query in picked:
+        if cat != last and cat != "(none)":
+            lines.append(f"# category: {cat}")
+        last = cat
+        lines.append(query)
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out
 
