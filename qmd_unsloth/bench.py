@@ -170,6 +170,22 @@ def write_files(col: Collection, folder: Path) -> None:
         f.write_bytes(text.encode("utf-8", "replace"))
 
 
+def index_in_qmd(qi, col: Collection, folder: Path) -> float:
+    """Writes the collection to ``folder``, indexes and embeds it in the real QMD index ``qi``; checks that QMD took
+    the documents the Python retriever indexes.  Seconds taken."""
+    from .retrieval import live_documents
+
+    write_files(col, folder)
+    t0 = time.perf_counter()
+    qi.add_collection(folder, COLLECTION_NAME, mask="**/*")
+    live = len(live_documents(col))
+    if qi.documents() != live:
+        raise BenchError(f"QMD indexed {qi.documents()} documents, the Python retriever {live}: "
+                         f"the collection's files are not what QMD reads")
+    qi.embed()
+    return time.perf_counter() - t0
+
+
 def qmd_engine(args, col: Collection, queries: dict[str, str], exps: dict[str, str] | None, out: Path) -> dict:
     """Every query through the real QMD (raw, and expanded when there are expansions or a --model), and the same
     lines through the Python retriever."""
@@ -193,17 +209,9 @@ def qmd_engine(args, col: Collection, queries: dict[str, str], exps: dict[str, s
     py_runs: dict[str, dict[str, list[int]]] = {}
     lines_used = []
     with tempfile.TemporaryDirectory(prefix="qmd-bench-") as tmp:
-        folder = Path(tmp) / "collection"
-        write_files(col, folder)
         qi = qmd_real.QMDIndex(qmd, Path(tmp) / "home", embed=embed, generate=Path(args.model) if args.model
                                else None, threads=args.qmd_threads)
-        t0 = time.perf_counter()
-        qi.add_collection(folder, COLLECTION_NAME, mask="**/*")
-        if qi.documents() != len(ret.live):
-            raise BenchError(f"QMD indexed {qi.documents()} documents, the Python retriever {len(ret.live)}: "
-                             f"the collection's files are not what QMD reads")
-        qi.embed()
-        index_seconds = time.perf_counter() - t0
+        index_seconds = index_in_qmd(qi, col, Path(tmp) / "collection")
         from tqdm import tqdm
 
         t0 = time.perf_counter()

@@ -220,6 +220,11 @@ class Ranking:
         return [d for d, _ in self.fused]
 
 
+def live_documents(col: Collection) -> list[int]:
+    """The documents QMD indexes: not hidden, not in a build folder, not blank."""
+    return [i for i, (d, p) in enumerate(zip(col.docs, col.paths)) if C.indexed(p) and d.strip()]
+
+
 class Retriever:
     """QMD's search over a collection: an in-memory SQLite FTS5 index and (unless ``dense=False``) MiniLM embeddings
     of QMD's chunks, built once per object.  ``reranker`` (optional) scores (query, [chunk texts]) in [0, 1], as QMD's
@@ -238,8 +243,7 @@ class Retriever:
         self.reranker = reranker
         self.cache_dir = cache_dir
         self.titles = [C.extract_title(d, p) for d, p in zip(col.docs, col.paths)]
-        # the files QMD indexes: not hidden, not in a build folder, not blank
-        self.live = [i for i, (d, p) in enumerate(zip(col.docs, col.paths)) if C.indexed(p) and d.strip()]
+        self.live = live_documents(col)
         self.db = sqlite3.connect(":memory:", check_same_thread=False)
         self.db.execute(f"CREATE VIRTUAL TABLE fts USING fts5(filepath, title, body, tokenize='{C.FTS_TOKENIZER}')")
         self.db.executemany("INSERT INTO fts(rowid, filepath, title, body) VALUES (?, ?, ?, ?)",

@@ -418,7 +418,7 @@ def score_qmd(name: str, col, held: dict, exps: dict[str, dict], samples: int, w
     """arm -> qid -> [nDCG@10 per sample] through the real QMD: one index per collection, built once under
     ``work/qmd/<name>`` and kept; each arm's expansions are seeded into QMD's expansion cache.  Cached per arm."""
     from qmd_unsloth import qmd_real
-    from qmd_unsloth.bench import write_files
+    from qmd_unsloth.bench import index_in_qmd
     from qmd_unsloth.retrieval import COLLECTION_NAME, searches_for
 
     base = work / "qmd" / name
@@ -434,13 +434,9 @@ def score_qmd(name: str, col, held: dict, exps: dict[str, dict], samples: int, w
             if not done.is_file():
                 folder = base / "collection"
                 shutil.rmtree(folder, ignore_errors=True)
-                write_files(col, folder)
-                t0 = time.perf_counter()
-                qi.add_collection(folder, COLLECTION_NAME, mask="**/*")
-                qi.embed()
-                done.write_text(json.dumps({"documents": qi.documents(),
-                                            "seconds": round(time.perf_counter() - t0, 1)}) + "\n")
-                log(f"real QMD indexed {name}: {qi.documents()} documents in {time.perf_counter() - t0:.0f} s")
+                seconds = index_in_qmd(qi, col, folder)
+                done.write_text(json.dumps({"documents": qi.documents(), "seconds": round(seconds, 1)}) + "\n")
+                log(f"real QMD indexed {name}: {qi.documents()} documents in {seconds:.0f} s")
         return qi
 
     def run(text: str, qid: str, searches) -> float:
