@@ -16,6 +16,15 @@ if "QMD_UNSLOTH_TEST_HOME" not in os.environ:
 REPO = Path(__file__).resolve().parent.parent
 
 
+def as_in_a_terminal() -> None:
+    """preexec_fn for a child that a test interrupts with SIGINT: Ctrl-C's default action, as in a terminal.  A shell
+    runs background jobs with SIGINT ignored, and Python keeps an ignored SIGINT ignored, so a test suite started in
+    the background (`bash .ci/run &`) would otherwise send a Ctrl-C its child never sees."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_module(*args, env=None, timeout=600):
     """Runs `python -m ...` as a user would; returns the CompletedProcess (text)."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}

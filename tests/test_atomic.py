@@ -17,7 +17,7 @@ import pytest
 
 from qmd_unsloth.atomic import atomic_folder, atomic_path, atomic_write_text, clean_stale, is_temporary
 from qmd_unsloth.cli import UsageError, UserError, command, fault_message
-from tests.conftest import REPO
+from tests.conftest import REPO, as_in_a_terminal
 
 WRITER = """
 import os, sys, time
@@ -260,7 +260,8 @@ def main():
     time.sleep(60)
 sys.exit(main())
 """
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=as_in_a_terminal)
     assert proc.stdout.readline().strip() == "ready"
     time.sleep(0.2)
     proc.send_signal(signal.SIGINT)

@@ -13,7 +13,7 @@ import pytest
 
 from qmd_unsloth.curate import connect, dedupe
 from qmd_unsloth.reward import score_expansion
-from tests.conftest import REPO, run_module
+from tests.conftest import REPO, as_in_a_terminal, run_module
 
 GOOD = [["hyde", "The Postgres migration moves billing tables from MongoDB with logical replication and a rollback."],
         ["lex", "postgres migration"], ["lex", "mongodb postgres replication"],
@@ -128,7 +128,7 @@ def _wait_for(db, query, status, proc, timeout=60):
 def test_a_killed_review_loses_no_decision(db, sig):
     proc = subprocess.Popen([sys.executable, "-m", "qmd_unsloth.curate", "--db", str(db), "review"], cwd=REPO,
                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, preexec_fn=as_in_a_terminal)
     proc.stdin.write("a\n")
     proc.stdin.flush()
     _wait_for(db, "postgres migration", "approved", proc)  # committed before the next key is read

@@ -21,7 +21,7 @@ from qmd_unsloth.data import near_duplicate_key, normalise_query, validate
 from qmd_unsloth.llamacpp import free_port
 from qmd_unsloth.teacher_prompts import (EXAMPLE, LINE_LIMITS, TOPICS, VEC_MIN_WORDS, expansion_rubric,
                                          parse_expansion, parse_queries, read_topics)
-from tests.conftest import REPO, run_module
+from tests.conftest import REPO, as_in_a_terminal, run_module
 
 FAKE_KEY = "sk-test-9f8e7d6c5b4a-never-print-me"
 KEY_ENV = "QMD_TEST_TEACHER_KEY"
@@ -359,7 +359,8 @@ def test_resume_after_sigkill_and_sigint(scripted, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), KEY_ENV: FAKE_KEY}
 
     def start_and_wait_for(n_rows):
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=as_in_a_terminal)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < n_rows):
             assert proc.poll() is None, proc.communicate()
