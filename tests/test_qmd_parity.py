@@ -109,17 +109,6 @@ def same_up_to_near_ties(mine: list[tuple[str, float]], theirs: list[tuple[str, 
                if [p for p, _ in theirs].index(a) > [p for p, _ in theirs].index(b))
 
 
-def score_groups(docs: list[tuple[str, float]]) -> list[tuple[float, set[str]]]:
-    """Runs of documents with the same score (to 1e-12), in list order."""
-    groups: list[tuple[float, set[str]]] = []
-    for p, s in docs:
-        if groups and abs(groups[-1][0] - s) < 1e-12:
-            groups[-1][1].add(p)
-        else:
-            groups.append((s, {p}))
-    return groups
-
-
 def fts_agrees(ret, text: str, theirs: list[tuple[str, float]]) -> bool:
     """Our FTS list for ``text`` is QMD's: the same scores in the same order (both are SQLite FTS5's bm25, equal to
     1e-12) and the same documents at each score.  Documents with exactly the same bm25 come in the order QMD's file
@@ -130,19 +119,17 @@ def fts_agrees(ret, text: str, theirs: list[tuple[str, float]]) -> bool:
     mine = [(path[d], s) for d, s in ret.fts(text)]
     if len(mine) != len(theirs) or any(abs(x - y) >= 1e-12 for (_, x), (_, y) in zip(mine, theirs)):
         return False
-    a, b = score_groups(mine), score_groups(theirs)
-    if [x for x, _ in a[:-1]] != [x for x, _ in b[:-1]] or any(x != y for (_, x), (_, y) in zip(a[:-1], b[:-1])):
+    starts = [i for i in range(len(mine)) if i == 0 or abs(mine[i][1] - mine[i - 1][1]) >= 1e-12]
+    runs = [(a, b) for a, b in zip(starts, starts[1:] + [len(mine)])]  # positions of each run of equal scores
+    cut = runs.pop() if len(mine) == C.LIST_DEPTH else None
+    if any({p for p, _ in mine[a:b]} != {p for p, _ in theirs[a:b]} for a, b in runs):
         return False
-    if not a:
+    if cut is None:
         return True
-    if len(mine) < C.LIST_DEPTH:
-        return a[-1][1] == b[-1][1]
-    with pytest.MonkeyPatch.context() as m:  # the whole list: which documents tie at the cut
+    with pytest.MonkeyPatch.context() as m:  # the whole list (cached under its own depth): who ties at the cut
         m.setattr(C, "LIST_DEPTH", 100_000)
-        ret._fts.clear()
-        tied = {path[d] for d, s in ret.fts(text) if abs(s - a[-1][0]) < 1e-12}
-    ret._fts.clear()
-    return a[-1][1] <= tied and b[-1][1] <= tied
+        tied = {path[d] for d, s in ret.fts(text) if abs(s - mine[cut[0]][1]) < 1e-12}
+    return all(p in tied for p, _ in mine[cut[0]:] + theirs[cut[0]:])
 
 
 def rebuild(tmp_path):
