@@ -18,7 +18,6 @@ that experiment; the sft arm's figures there are the comparison (same recipe and
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
 import sys
@@ -28,8 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
-from qmd_retrieval_experiment import (SPLIT_SEED, compare, expansions, export, heldout, log,  # noqa: E402
-                                      ndcg, score_qmd)
+from qmd_retrieval_experiment import (compare, expansions, export, heldout_queries, log, ndcg,  # noqa: E402
+                                      score_qmd)
 from smollm2_proof import smollm2_gguf  # noqa: E402
 
 KEEP = ("hyde", "lex", "vec")
@@ -55,7 +54,8 @@ def fewer_lines(rows_dir: Path, out_dir: Path) -> dict:
             before, after, rows = before + len(row["output"]), after + len(kept), rows + 1
             lines.append(json.dumps({**row, "output": kept}, ensure_ascii=False))
         atomic_write_text(out_dir / f.name, "\n".join(lines) + "\n")
-    return {"rows": rows, "lines_per_row_before": round(before / rows, 2), "lines_per_row_after": round(after / rows, 2)}
+    return {"rows": rows, "lines_per_row_before": round(before / rows, 2),
+            "lines_per_row_after": round(after / rows, 2)}
 
 
 def main() -> int:
@@ -98,10 +98,7 @@ def main() -> int:
     gguf = export("fewer_lines", merged, work)
 
     col = load_collection(args.cranfield)
-    held = {q: t for q, t in col.queries.items() if heldout(t) and col.qrels.get(q)}
-    if args.max_heldout and len(held) > args.max_heldout:  # the retrieval experiment's seeded sample
-        keep = sorted(held, key=lambda q: hashlib.sha256(f"{SPLIT_SEED}:{held[q]}".encode()).hexdigest())
-        held = {q: held[q] for q in sorted(keep[:args.max_heldout])}
+    held = heldout_queries(col, args.max_heldout)
     exps = expansions("fewer_lines", gguf, "cranfield", held, 1, work)
     ret = Retriever(col)
     raw = {q: [ndcg(col, ret.rank(t, None).ids, q)] for q, t in held.items()}

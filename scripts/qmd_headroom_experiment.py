@@ -29,7 +29,6 @@ import argparse
 import json
 import math
 import platform
-import re
 import sys
 import time
 from collections import Counter
@@ -38,17 +37,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
-from qmd_retrieval_experiment import compare, heldout, log, ndcg  # noqa: E402  (the same split and statistics)
+from qmd_retrieval_experiment import SPLIT_SEED, compare, heldout_queries, log, ndcg  # noqa: E402  (same split)
+from qmd_unsloth.qmd_contract import query_terms  # noqa: E402
 
-WORD = re.compile(r"[a-z0-9]+")
 STOP = {"a", "an", "and", "are", "as", "at", "be", "by", "can", "do", "does", "for", "from", "has", "have", "how", "in",
         "is", "it", "of", "on", "or", "that", "the", "there", "these", "this", "to", "was", "what", "when", "which",
         "with", "any", "been", "being", "if", "into", "such", "than", "their", "they", "we", "were", "why", "will"}
-
-
-def words(text: str) -> list[str]:
-    """A text's words as QMD's drop rule sees them (lowercased, runs of [a-z0-9])."""
-    return WORD.findall(text.lower())
 
 
 def body(doc: str) -> tuple[str, str]:
@@ -64,24 +58,18 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "qmd_headroom-cpu.json"))
     args = ap.parse_args()
 
-    import hashlib
-
-    from qmd_retrieval_experiment import SPLIT_SEED
     from qmd_unsloth.atomic import atomic_write_text
     from qmd_unsloth.retrieval import Retriever, load_collection, searches_for
 
     t0 = time.perf_counter()
     col = load_collection(args.cranfield)
-    held = {q: t for q, t in col.queries.items() if heldout(t) and col.qrels.get(q)}
-    if args.max_heldout and len(held) > args.max_heldout:  # the retrieval experiment's seeded sample
-        keep = sorted(held, key=lambda q: hashlib.sha256(f"{SPLIT_SEED}:{held[q]}".encode()).hexdigest())
-        held = {q: held[q] for q in sorted(keep[:args.max_heldout])}
-    df = Counter(w for d in col.docs for w in set(words(d)))
+    held = heldout_queries(col, args.max_heldout)
+    df = Counter(w for d in col.docs for w in set(query_terms(d)))
     n_docs = len(col.docs)
     index = {d: i for i, d in enumerate(col.doc_ids)}
 
     def rarest(text: str, k: int) -> list[str]:
-        terms = list(dict.fromkeys(w for w in words(text) if w not in STOP and len(w) > 2))
+        terms = list(dict.fromkeys(w for w in query_terms(text) if w not in STOP and len(w) > 2))
         return sorted(terms, key=lambda w: (df.get(w, 0) or n_docs + 1, terms.index(w)))[:k]
 
     def best_doc(qid: str) -> str:
@@ -89,7 +77,7 @@ def main() -> int:
         return col.docs[index[max(judged, key=lambda d: (judged[d], -index.get(d, 0)))]]
 
     def distinctive(doc: str, k: int, skip: set[str]) -> list[str]:
-        tf = Counter(w for w in words(doc) if w not in STOP and len(w) > 2 and w not in skip)
+        tf = Counter(w for w in query_terms(doc) if w not in STOP and len(w) > 2 and w not in skip)
         return [w for w, _ in sorted(tf.items(), key=lambda x: -x[1] * math.log(n_docs / (1 + df.get(x[0], 0))))[:k]]
 
     def near_miss(qid: str, text: str) -> str:
@@ -100,7 +88,7 @@ def main() -> int:
     def arms(qid: str, text: str) -> dict[str, list[tuple[str, str]]]:
         r3 = rarest(text, 3)
         title, passage = body(best_doc(qid))
-        oracle_lex = ("lex", " ".join(r3[:1] + distinctive(best_doc(qid), 2, set(words(text)))))
+        oracle_lex = ("lex", " ".join(r3[:1] + distinctive(best_doc(qid), 2, set(query_terms(text)))))
         oracle_vec, oracle_hyde = ("vec", title), ("hyde", " ".join(passage[:300].split()))
         return {
             "rule: lex of 2 rarest query terms": [("lex", " ".join(r3[:2]))],
@@ -137,7 +125,8 @@ def main() -> int:
             f"{r['ci95']}")
     out = {"benchmark": "qmd_headroom", "machine": platform.node() or "unknown", "device": "CPU",
            "date": time.strftime("%Y-%m-%d"), "collection": "cranfield", "documents": len(col.docs),
-           "heldout_queries": len(held), "split": {"seed": SPLIT_SEED, "heldout": "1/3", "max_heldout": args.max_heldout},
+           "heldout_queries": len(held),
+           "split": {"seed": SPLIT_SEED, "heldout": "1/3", "max_heldout": args.max_heldout},
            "retriever": "qmd_unsloth.retrieval (QMD 2.8.3 hybridQuery, --no-rerank, MiniLM-L6)",
            "raw_ndcg@10": round(sum(v[0] for v in raw.values()) / len(raw), 4), "arms": results,
            "examples": examples, "seconds": round(time.perf_counter() - t0, 1),

@@ -70,6 +70,16 @@ def heldout(text: str) -> bool:
     return is_val(text, SPLIT_SEED, HELDOUT)
 
 
+def heldout_queries(col, most: int | None) -> dict[str, str]:
+    """The collection's judged held-out queries {qid: text}; with ``most``, a seeded sample of at most that many, the
+    same for every arm and script."""
+    held = {q: t for q, t in col.queries.items() if heldout(t) and col.qrels.get(q)}
+    if most and len(held) > most:
+        keep = sorted(held, key=lambda q: hashlib.sha256(f"{SPLIT_SEED}:{held[q]}".encode()).hexdigest())
+        held = {q: held[q] for q in sorted(keep[:most])}
+    return held
+
+
 # ------------------------------------------------------------------------------------------------ collections
 PART_CHARS, FILE_CHARS = 700, 6000  # MiniLM: at most 437 tokens a note (512 positions)
 
@@ -230,10 +240,7 @@ def collections(args, work: Path, sft_gguf: Path) -> dict:
         if name not in args.collections:
             continue
         col = load_collection(path, qrels)
-        held = {q: t for q, t in col.queries.items() if heldout(t) and col.qrels.get(q)}
-        if args.max_heldout and len(held) > args.max_heldout:  # a seeded sample, the same for every arm
-            keep = sorted(held, key=lambda q: hashlib.sha256(f"{SPLIT_SEED}:{held[q]}".encode()).hexdigest())
-            held = {q: held[q] for q in sorted(keep[:args.max_heldout])}
+        held = heldout_queries(col, args.max_heldout)
         train = [t for q, t in col.queries.items() if not heldout(t) and col.qrels.get(q)]
         out[name] = (col, held, train, path, qrels)
     return out
